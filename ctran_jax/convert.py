@@ -1,0 +1,463 @@
+"""Import PyTorch state dicts: torchvision ResNets and reference C-Tran checkpoints.
+
+The torch name of every NNX variable is derived from the module tree (module type decides
+the leaf names and the layout transform), so the same code serves a stand-alone ResNet,
+a C-Tran backbone and a full C-Tran.  Every key and shape is checked before anything is
+written into the model; all problems are reported in one error.
+
+CLI::
+
+  python -m ctran_jax.convert ctran_coco.pth --out converted/ctran_coco
+  python -m ctran_jax.convert resnet101-63fe2227.pth --out converted/r101 --backbone-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ctran_jax.models.ctran import CTran, LabelwiseLinear
+from ctran_jax.models.resnet import RESNET_SPECS, BatchNorm, ResNet
+
+WEIGHTS = (nnx.Param, nnx.BatchStat)  # what checkpoints hold; RNG state is not weights
+REFERENCE_BACKBONE_PREFIX = "backbone.base_network."
+# Keys that torch checkpoints carry but the JAX model has no use for.
+_IGNORED = re.compile(r"(^|\.)num_batches_tracked$|(^|\.)fc\.(weight|bias)$")
+
+# NNX module name (dotted path) -> reference C-Tran module name.
+_REFERENCE_RENAMES = [
+    (re.compile(r"^backbone(?=\.|$)"), "backbone.base_network"),
+    (re.compile(r"^encoder\.(\d+)\.(in_proj|out_proj)$"),
+     r"self_attn_layers.\1.transformer_layer.self_attn.\2"),
+    (re.compile(r"^encoder\.(\d+)\.(linear1|linear2|norm1|norm2)$"),
+     r"self_attn_layers.\1.transformer_layer.\2"),
+    (re.compile(r"^label_embedding$"), "label_lt"),
+    (re.compile(r"^state_embedding$"), "known_label_lt"),
+    (re.compile(r"^input_norm$"), "LayerNorm"),
+    (re.compile(r"^head$"), "output_linear"),
+]
+
+
+class StateDictMismatchError(ValueError):
+  """A state dict does not fit the model: lists every missing, unexpected and misshaped key."""
+
+  def __init__(self, what: str, missing=(), unexpected=(), wrong_shape=()):
+    self.missing, self.unexpected, self.wrong_shape = list(missing), list(unexpected), list(
+        wrong_shape)
+    lines = [f"state dict does not match {what}:"]
+    if self.wrong_shape:
+      lines.append(f"  {len(self.wrong_shape)} key(s) with the wrong shape:")
+      lines += [f"    {k}: checkpoint {got}, model expects {want}"
+                for k, got, want in self.wrong_shape]
+    if self.missing:
+      lines.append(f"  {len(self.missing)} missing key(s): " + ", ".join(self.missing))
+    if self.unexpected:
+      lines.append(f"  {len(self.unexpected)} unexpected key(s): " + ", ".join(self.unexpected))
+    super().__init__("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------
+# Name and layout map
+# ---------------------------------------------------------------------------------------
+
+def _conv_to_flax(w):
+  return np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO
+
+
+def _conv_shape(kernel_shape):
+  h, w, i, o = kernel_shape
+  return (o, i, h, w)
+
+
+def _same(x):
+  return x
+
+
+def _leaf_map(module) -> list[tuple[str, str, Callable, Callable]]:
+  """(nnx attribute, torch leaf, torch->flax transform, flax shape->torch shape)."""
+  ident = (_same, tuple)
+  if isinstance(module, nnx.Conv):
+    return [("kernel", "weight", _conv_to_flax, _conv_shape)] + (
+        [("bias", "bias", *ident)] if module.bias is not None else [])
+  if isinstance(module, nnx.Linear):
+    return [("kernel", "weight", np.transpose, lambda s: tuple(reversed(s))),
+            ("bias", "bias", *ident)]
+  if isinstance(module, BatchNorm):
+    return [("scale", "weight", *ident), ("bias", "bias", *ident),
+            ("mean", "running_mean", *ident), ("var", "running_var", *ident)]
+  if isinstance(module, nnx.LayerNorm):
+    return [("scale", "weight", *ident), ("bias", "bias", *ident)]
+  if isinstance(module, nnx.Embed):
+    return [("embedding", "weight", *ident)]
+  if isinstance(module, LabelwiseLinear):
+    return [("kernel", "weight", *ident), ("bias", "bias", *ident)]
+  return []
+
+
+def torch_layout(model: nnx.Module, *, reference: bool | None = None) -> dict[str, tuple]:
+  """torch name -> (NNX path, torch shape, torch->flax transform) for every weight of `model`.
+
+  `reference=True` names a C-Tran as the reference repo does (``backbone.base_network.``,
+  ``self_attn_layers.N.transformer_layer.`` ...); a ResNet is named as torchvision does.
+  """
+  if reference is None:
+    reference = isinstance(model, CTran)
+  layout = {}
+  for path, module in nnx.iter_modules(model):
+    leaves = _leaf_map(module)
+    if not leaves:
+      continue
+    name = ".".join(str(p) for p in path)
+    if reference:
+      for pattern, repl in _REFERENCE_RENAMES:
+        name = pattern.sub(repl, name)
+    for attr, torch_leaf, to_flax, torch_shape in leaves:
+      variable = getattr(module, attr)
+      key = f"{name}.{torch_leaf}" if name else torch_leaf
+      key = re.sub(r"in_proj\.(weight|bias)$", r"in_proj_\1", key)  # torch MHA packs q,k,v
+      layout[key] = (path + (attr,), torch_shape(variable.shape), to_flax)
+  return layout
+
+
+def check_state_dict(state_dict: Mapping[str, Any], layout: Mapping[str, tuple],
+                     what: str) -> None:
+  """Raise StateDictMismatchError naming every missing, unexpected or misshaped key."""
+  present = {k for k in state_dict if not _IGNORED.search(k)}
+  missing = sorted(set(layout) - present)
+  unexpected = sorted(present - set(layout))
+  wrong = [(k, tuple(np.shape(state_dict[k])), layout[k][1])
+           for k in layout if k in present and tuple(np.shape(state_dict[k])) != layout[k][1]]
+  if missing or unexpected or wrong:
+    raise StateDictMismatchError(what, missing, unexpected, wrong)
+
+
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
+                    reference: bool | None = None, prefix: str = "") -> nnx.Module:
+  """Copy a torch state dict into `model` in place (all keys checked first); returns it.
+
+  `prefix` selects a sub-tree of the state dict, e.g. ``"backbone.base_network."`` to take
+  a reference checkpoint's backbone for a ResNet.
+  """
+  if prefix:
+    state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  layout = torch_layout(model, reference=reference)
+  check_state_dict(state_dict, layout, f"{type(model).__name__} ({_describe(model)})")
+  updates = {}
+  for key, (path, _, to_flax) in layout.items():
+    updates[path] = jnp.asarray(to_flax(np.asarray(state_dict[key], np.float32)))
+  state = nnx.state(model, WEIGHTS)
+  for path, variable in nnx.to_flat_state(state):
+    variable.set_value(updates[path])
+  nnx.update(model, state)
+  return model
+
+
+def _describe(model) -> str:
+  if isinstance(model, CTran):
+    return f"num_labels={model.num_labels}, hidden={model.hidden}, layers={len(model.encoder)}"
+  if isinstance(model, ResNet):
+    return f"block={model.block}, stage_sizes={model.stage_sizes}, width={model.width}"
+  return ""
+
+
+# ---------------------------------------------------------------------------------------
+# Building models from state dicts
+# ---------------------------------------------------------------------------------------
+
+def _materialize(abstract_model: nnx.Module, seed: int = 0) -> nnx.Module:
+  """Give the non-weight leaves of an ``nnx.eval_shape`` model (RNG keys/counts) real values.
+
+  Building through ``eval_shape`` avoids initialising ~100M parameters eagerly just to
+  overwrite them (tens of seconds for a ResNet-101 on 2 CPU cores).
+  """
+  graphdef, state = nnx.split(abstract_model)
+  base = jax.random.key(seed)
+  counter = iter(range(1 << 30))
+
+  def fill(leaf):
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+      return leaf
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.fold_in(base, next(counter))
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree.map(fill, state))
+
+
+def resnet_options_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
+  """Infer depth/block/stage sizes/width of a torchvision-layout ResNet from its keys."""
+  if f"{prefix}conv1.weight" not in state_dict:
+    raise StateDictMismatchError(f"a ResNet (keys under {prefix!r})", missing=[
+        f"{prefix}conv1.weight"])
+  stage_sizes = []
+  for stage in range(1, 5):
+    blocks = {int(m.group(1)) for k in state_dict
+              if (m := re.match(re.escape(f"{prefix}layer{stage}.") + r"(\d+)\.", k))}
+    stage_sizes.append(len(blocks))
+  block = "bottleneck" if f"{prefix}layer1.0.conv3.weight" in state_dict else "basic"
+  width = int(np.shape(state_dict[f"{prefix}conv1.weight"])[0])
+  depth = next((d for d, s in RESNET_SPECS.items()
+                if s.block == block and s.stage_sizes == tuple(stage_sizes)), None)
+  if depth is not None:
+    return {"backbone_depth": depth, "backbone_width": width}
+  return {"backbone_depth": 0, "backbone_width": width,
+          "backbone_stage_sizes": tuple(stage_sizes), "backbone_block": block}
+
+
+def reference_options_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
+  """Infer num_labels, hidden, layers, ffn width and backbone of a reference C-Tran."""
+  if "label_lt.weight" not in state_dict:
+    raise StateDictMismatchError("a reference C-Tran checkpoint", missing=["label_lt.weight"])
+  num_labels, hidden = (int(d) for d in np.shape(state_dict["label_lt.weight"]))
+  layers = len({int(m.group(1)) for k in state_dict
+                if (m := re.match(r"self_attn_layers\.(\d+)\.", k))})
+  ffn_key = "self_attn_layers.0.transformer_layer.linear1.weight"
+  options = {"num_labels": num_labels, "hidden": hidden, "layers": layers}
+  if ffn_key in state_dict:
+    options["ffn_dim"] = int(np.shape(state_dict[ffn_key])[0])
+  options.update(resnet_options_from_state_dict(state_dict, REFERENCE_BACKBONE_PREFIX))
+  return options
+
+
+def _resnet_kwargs(options: dict) -> dict:
+  return {"width": options["backbone_width"],
+          "stage_sizes": options.get("backbone_stage_sizes"),
+          "block": options.get("backbone_block")}
+
+
+def from_reference(state_dict: Mapping[str, Any], *, heads: int = 4, seed: int = 0,
+                   **options) -> CTran:
+  """A CTran holding a reference C-Tran state dict (sizes inferred from its shapes).
+
+  `heads` cannot be read from the weights (4 in the reference). Other keyword options
+  (dropout, use_lmt, pos_emb, image_tokens, bn_mode, dtype, ...) go to ``CTran``.
+  The model is returned in eval mode.
+  """
+  state_dict = _as_numpy(state_dict)
+  config = {**reference_options_from_state_dict(state_dict), "heads": heads, **options}
+  num_labels = config.pop("num_labels")
+  model = _materialize(nnx.eval_shape(lambda: CTran(num_labels, **config, rngs=nnx.Rngs(seed))),
+                       seed)
+  load_state_dict(model, state_dict, reference=True)
+  model.eval()
+  return model
+
+
+def resnet_from_torchvision(state_dict: Mapping[str, Any], *, seed: int = 0,
+                            **options) -> ResNet:
+  """A ResNet holding a torchvision ResNet state dict (``fc`` is ignored); eval mode."""
+  state_dict = _as_numpy(state_dict)
+  inferred = resnet_options_from_state_dict(state_dict)
+  model = _materialize(nnx.eval_shape(lambda: ResNet(
+      inferred["backbone_depth"], **_resnet_kwargs(inferred), **options,
+      rngs=nnx.Rngs(seed))), seed)
+  load_state_dict(model, state_dict)
+  model.eval()
+  return model
+
+
+# ---------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------
+
+def _as_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in state_dict.items():
+    if hasattr(v, "detach"):  # a torch tensor
+      v = v.detach().cpu().numpy()
+    out[k] = np.asarray(v)
+  return out
+
+
+def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
+  """Accept a bare state dict or a training checkpoint wrapping one; drop ``module.``."""
+  for key in ("state_dict", "model", "model_state_dict"):
+    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+      obj = obj[key]
+      break
+  if not isinstance(obj, Mapping) or not obj:
+    raise ValueError(f"{source}: no state dict found (expected a mapping name -> tensor)")
+  if all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel
+    obj = {k[len("module."):]: v for k, v in obj.items()}
+  return obj
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Read a state dict from .pth/.pt (needs torch), .npz or .safetensors as numpy arrays."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  ext = os.path.splitext(path)[1].lower()
+  if ext in (".pth", ".pt", ".bin"):
+    try:
+      import torch
+    except ImportError:
+      raise ImportError(
+          f"reading {path} needs PyTorch: `pip install torch`, or convert it to .npz or "
+          ".safetensors on a machine that has torch, e.g. `np.savez(out, **{k: v.numpy() "
+          "for k, v in torch.load(path).items()})`") from None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  elif ext == ".npz":
+    with np.load(path, allow_pickle=False) as f:
+      obj = {k: f[k] for k in f.files}
+  elif ext == ".safetensors":
+    from safetensors.numpy import load_file
+    obj = load_file(path)
+  else:
+    raise ValueError(f"{path}: unknown checkpoint format {ext!r}; "
+                     "use .pth/.pt (torch), .npz or .safetensors")
+  return _as_numpy(_unwrap(obj, path))
+
+
+# ---------------------------------------------------------------------------------------
+# Saving converted models (orbax)
+# ---------------------------------------------------------------------------------------
+
+MODEL_FORMAT = "ctran_jax/model/v1"
+
+
+def _json_config(config: dict) -> dict:
+  out = {}
+  for k, v in config.items():
+    if k == "dtype":
+      v = jnp.dtype(v).name
+    elif isinstance(v, tuple):
+      v = list(v)
+    out[k] = v
+  return out
+
+
+def model_config(model: nnx.Module) -> dict:
+  """The constructor arguments that rebuild `model` (stored beside saved weights)."""
+  if isinstance(model, ResNet):
+    return {"kind": "resnet", "depth": model.depth, "width": model.width,
+            "stage_sizes": list(model.stage_sizes), "block": model.block}
+  if isinstance(model, CTran):
+    bb, layer = model.backbone, model.encoder[0]
+    return {"kind": "ctran", "num_labels": model.num_labels, "hidden": model.hidden,
+            "heads": layer.heads, "layers": len(model.encoder),
+            "ffn_dim": layer.linear1.out_features, "dropout": layer.dropout1.rate,
+            "use_lmt": model.use_lmt, "pos_emb": model.pos_emb,
+            "image_tokens": model.image_tokens, "backbone_depth": bb.depth,
+            "backbone_width": bb.width, "backbone_stage_sizes": list(bb.stage_sizes),
+            "backbone_block": bb.block}
+  raise TypeError(f"cannot describe a {type(model).__name__}")
+
+
+def build_model(config: dict, *, seed: int = 0, abstract: bool = False, **overrides):
+  """Rebuild a model from `model_config` output (+ overrides such as dtype or bn_mode)."""
+  config = {**config, **overrides}
+  kind = config.pop("kind")
+  if kind == "resnet":
+    depth = config.pop("depth")
+    make = lambda: ResNet(depth, **config, rngs=nnx.Rngs(seed))  # noqa: E731
+  elif kind == "ctran":
+    num_labels = config.pop("num_labels")
+    make = lambda: CTran(num_labels, **config, rngs=nnx.Rngs(seed))  # noqa: E731
+  else:
+    raise ValueError(f"unknown model kind {kind!r}")
+  return nnx.eval_shape(make) if abstract else _materialize(nnx.eval_shape(make), seed)
+
+
+def save_model(model: nnx.Module, directory: str) -> str:
+  """Write weights (orbax) + ``model.json`` (format, constructor config) to `directory`."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  if os.path.exists(os.path.join(directory, "model.json")):
+    raise FileExistsError(f"{directory} already holds a converted model; choose another --out")
+  os.makedirs(directory, exist_ok=True)
+  weights = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "weights"), weights)
+    ckptr.wait_until_finished()
+  meta = {"format": MODEL_FORMAT, "config": _json_config(model_config(model))}
+  tmp = os.path.join(directory, "model.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2)
+  os.replace(tmp, os.path.join(directory, "model.json"))  # written last: marks completeness
+  return directory
+
+
+def load_model(directory: str, **overrides) -> nnx.Module:
+  """Restore a model written by `save_model` (eval mode). Overrides: dtype, bn_mode, ..."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, "model.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{directory} is not a converted model (no model.json); "
+                            "create one with `python -m ctran_jax.convert SRC --out DIR`")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != MODEL_FORMAT:
+    raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r}")
+  config = meta["config"]
+  for key in ("stage_sizes", "backbone_stage_sizes"):
+    if config.get(key) is not None:
+      config[key] = tuple(config[key])
+  model = build_model(config, **overrides)
+  target = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.join(directory, "weights"), abstract)
+  state = nnx.state(model, WEIGHTS)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
+  model.eval()
+  return model
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+def convert_file(src: str, out: str, *, backbone_only: bool = False, heads: int = 4) -> nnx.Module:
+  """Read `src`, build the matching model, save it to `out`; returns the model."""
+  state_dict = read_state_dict(src)
+  is_reference = "label_lt.weight" in state_dict
+  if is_reference and not backbone_only:
+    model = from_reference(state_dict, heads=heads)
+  else:
+    if is_reference:  # take the backbone of a full C-Tran checkpoint
+      state_dict = {k[len(REFERENCE_BACKBONE_PREFIX):]: v for k, v in state_dict.items()
+                    if k.startswith(REFERENCE_BACKBONE_PREFIX)}
+    model = resnet_from_torchvision(state_dict)
+  save_model(model, out)
+  return model
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m ctran_jax.convert",
+      description="Convert a PyTorch checkpoint (torchvision ResNet or reference C-Tran) "
+                  "to a ctran_jax model directory (orbax weights + model.json).")
+  parser.add_argument("src", help=".pth/.pt (needs torch), .npz or .safetensors state dict")
+  parser.add_argument("--out", required=True, help="output directory (must not hold a model)")
+  parser.add_argument("--backbone-only", action="store_true",
+                      help="keep only the ResNet (a torchvision file, or a C-Tran's backbone)")
+  parser.add_argument("--heads", type=int, default=4,
+                      help="attention heads of a C-Tran checkpoint (not stored in it; default 4)")
+  args = parser.parse_args(argv)
+  try:
+    model = convert_file(args.src, args.out, backbone_only=args.backbone_only, heads=args.heads)
+  except (FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  print(f"wrote {type(model).__name__} ({_describe(model)}, {n:,} parameters) to "
+        f"{os.path.abspath(args.out)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
