@@ -74,9 +74,8 @@ def _conv_to_flax(w):
   return np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO
 
 
-def _conv_shape(kernel_shape):
-  h, w, i, o = kernel_shape
-  return (o, i, h, w)
+def _conv_to_torch(w):
+  return np.transpose(w, (3, 2, 0, 1))  # HWIO -> OIHW
 
 
 def _same(x):
@@ -84,14 +83,13 @@ def _same(x):
 
 
 def _leaf_map(module) -> list[tuple[str, str, Callable, Callable]]:
-  """(nnx attribute, torch leaf, torch->flax transform, flax shape->torch shape)."""
-  ident = (_same, tuple)
+  """(nnx attribute, torch leaf, torch->flax transform, flax->torch transform)."""
+  ident = (_same, _same)
   if isinstance(module, nnx.Conv):
-    return [("kernel", "weight", _conv_to_flax, _conv_shape)] + (
+    return [("kernel", "weight", _conv_to_flax, _conv_to_torch)] + (
         [("bias", "bias", *ident)] if module.bias is not None else [])
   if isinstance(module, nnx.Linear):
-    return [("kernel", "weight", np.transpose, lambda s: tuple(reversed(s))),
-            ("bias", "bias", *ident)]
+    return [("kernel", "weight", np.transpose, np.transpose), ("bias", "bias", *ident)]
   if isinstance(module, BatchNorm):
     return [("scale", "weight", *ident), ("bias", "bias", *ident),
             ("mean", "running_mean", *ident), ("var", "running_var", *ident)]
@@ -105,7 +103,7 @@ def _leaf_map(module) -> list[tuple[str, str, Callable, Callable]]:
 
 
 def torch_layout(model: nnx.Module, *, reference: bool | None = None) -> dict[str, tuple]:
-  """torch name -> (NNX path, torch shape, torch->flax transform) for every weight of `model`.
+  """torch name -> (NNX path, torch shape, torch->flax, flax->torch) for every weight of `model`.
 
   `reference=True` names a C-Tran as the reference repo does (``backbone.base_network.``,
   ``self_attn_layers.N.transformer_layer.`` ...); a ResNet is named as torchvision does.
@@ -121,12 +119,20 @@ def torch_layout(model: nnx.Module, *, reference: bool | None = None) -> dict[st
     if reference:
       for pattern, repl in _REFERENCE_RENAMES:
         name = pattern.sub(repl, name)
-    for attr, torch_leaf, to_flax, torch_shape in leaves:
-      variable = getattr(module, attr)
+    for attr, torch_leaf, to_flax, to_torch in leaves:
+      shape = getattr(module, attr).shape
       key = f"{name}.{torch_leaf}" if name else torch_leaf
       key = re.sub(r"in_proj\.(weight|bias)$", r"in_proj_\1", key)  # torch MHA packs q,k,v
-      layout[key] = (path + (attr,), torch_shape(variable.shape), to_flax)
+      torch_shape = to_torch(np.empty(shape, np.bool_)).shape  # a view: nothing is filled
+      layout[key] = (path + (attr,), torch_shape, to_flax, to_torch)
   return layout
+
+
+def export_state_dict(model: nnx.Module, *, reference: bool | None = None) -> dict[str, np.ndarray]:
+  """The torch-layout state dict of `model` (inverse of `load_state_dict`, without ``fc``)."""
+  weights = dict(nnx.to_flat_state(nnx.state(model, WEIGHTS)))
+  return {key: np.ascontiguousarray(to_torch(np.asarray(weights[path][...])))
+          for key, (path, _, _, to_torch) in torch_layout(model, reference=reference).items()}
 
 
 def check_state_dict(state_dict: Mapping[str, Any], layout: Mapping[str, tuple],
@@ -153,7 +159,7 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   layout = torch_layout(model, reference=reference)
   check_state_dict(state_dict, layout, f"{type(model).__name__} ({_describe(model)})")
   updates = {}
-  for key, (path, _, to_flax) in layout.items():
+  for key, (path, _, to_flax, _) in layout.items():
     updates[path] = jnp.asarray(to_flax(np.asarray(state_dict[key], np.float32)))
   state = nnx.state(model, WEIGHTS)
   for path, variable in nnx.to_flat_state(state):

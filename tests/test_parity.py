@@ -146,7 +146,7 @@ def _check_gradients(model, grads, golden, tolerances):
   assert len(names) == 8
   errors = {}
   for name in names:
-    path, _, to_flax = layout[name]
+    path, _, to_flax, _ = layout[name]
     want = to_flax(golden["grad_64__" + name])
     errors[name] = np.abs(grads[path] - want).max() / np.abs(want).max()
   bad = {n: e for n, e in errors.items() if not e <= tolerances.get(n, 1e-3)}
