@@ -101,12 +101,16 @@ class CTran(nnx.Module):
         for _ in range(layers)])
     self.head = LabelwiseLinear(num_labels, hidden, rngs=rngs)
 
-  def set_view(self, use_lmt: bool | None = None, image_tokens: bool | None = None):
-    """``nnx.view(model, use_lmt=False)``: the same weights without state embeddings (ablation)."""
-    if use_lmt is not None:
-      self.use_lmt = use_lmt
-    if image_tokens is not None:
-      self.image_tokens = image_tokens
+  def set_view(self, use_lmt: bool | None = None, image_tokens: bool | None = None,
+               pos_emb: bool | None = None):
+    """``nnx.view(model, use_lmt=False)`` etc.: the same weights with a switch flipped.
+
+    None of these switches owns parameters, so ablations need no second model.
+    """
+    for name, value in (("use_lmt", use_lmt), ("image_tokens", image_tokens),
+                        ("pos_emb", pos_emb)):
+      if value is not None:
+        setattr(self, name, value)
 
   def __call__(self, images: jax.Array, label_states: jax.Array, *,
                return_attention: bool = False):
