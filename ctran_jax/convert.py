@@ -203,8 +203,9 @@ def _materialize(abstract_model: nnx.Module, seed: int = 0) -> nnx.Module:
 def resnet_options_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
   """Infer depth/block/stage sizes/width of a torchvision-layout ResNet from its keys."""
   if f"{prefix}conv1.weight" not in state_dict:
-    raise StateDictMismatchError(f"a ResNet (keys under {prefix!r})", missing=[
-        f"{prefix}conv1.weight"])
+    where = f" (keys under {prefix!r})" if prefix else ""
+    raise StateDictMismatchError(f"a torchvision-layout ResNet{where}",
+                                 missing=[f"{prefix}conv1.weight"])
   stage_sizes = []
   for stage in range(1, 5):
     blocks = {int(m.group(1)) for k in state_dict
@@ -430,13 +431,16 @@ def load_model(directory: str, **overrides) -> nnx.Module:
 def convert_file(src: str, out: str, *, backbone_only: bool = False, heads: int = 4) -> nnx.Module:
   """Read `src`, build the matching model, save it to `out`; returns the model."""
   state_dict = read_state_dict(src)
-  is_reference = "label_lt.weight" in state_dict
-  if is_reference and not backbone_only:
+  if "label_lt.weight" in state_dict and not backbone_only:
     model = from_reference(state_dict, heads=heads)
   else:
-    if is_reference:  # take the backbone of a full C-Tran checkpoint
+    if f"{REFERENCE_BACKBONE_PREFIX}conv1.weight" in state_dict:  # a C-Tran's backbone
       state_dict = {k[len(REFERENCE_BACKBONE_PREFIX):]: v for k, v in state_dict.items()
                     if k.startswith(REFERENCE_BACKBONE_PREFIX)}
+    if "conv1.weight" not in state_dict:
+      raise ValueError(
+          f"{src}: neither a reference C-Tran checkpoint (no 'label_lt.weight') nor a "
+          f"torchvision ResNet (no 'conv1.weight'); its first keys: {sorted(state_dict)[:5]}")
     model = resnet_from_torchvision(state_dict)
   save_model(model, out)
   return model

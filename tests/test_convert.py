@@ -139,11 +139,6 @@ def test_cli_converts_and_the_result_restores(tmp_path, exported, tiny_model):
   # bfloat16 compute can be chosen at restore time; parameters stay float32
   assert convert.load_model(out, dtype=jnp.bfloat16).backbone(images).dtype == jnp.bfloat16
 
-  backbone_out = str(tmp_path / "backbone")
-  assert convert.main([src, "--out", backbone_out, "--backbone-only"]) == 0
-  resnet = convert.load_model(backbone_out)
-  np.testing.assert_allclose(resnet(images), tiny_model.backbone(images), atol=1e-5)
-
 
 def test_cli_errors_are_one_line_messages(tmp_path, exported, capsys):
   assert convert.main([str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")]) == 2
@@ -153,6 +148,23 @@ def test_cli_errors_are_one_line_messages(tmp_path, exported, capsys):
   assert convert.main([src, "--out", str(tmp_path / "o")]) == 2
   assert "missing key(s): LayerNorm.weight" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "o" / "model.json")
+
+
+def test_cli_rejects_a_file_that_is_no_known_model(tmp_path, capsys):
+  src = str(tmp_path / "other.npz")
+  np.savez(src, **{"encoder.weight": np.zeros((2, 2))})
+  assert convert.main([src, "--out", str(tmp_path / "o")]) == 2
+  assert "neither a reference C-Tran checkpoint" in capsys.readouterr().err
+
+
+def test_cli_takes_the_backbone_of_a_reference_checkpoint(tmp_path, exported, tiny_model):
+  src = str(tmp_path / "ctran.npz")
+  np.savez(src, **exported)
+  out = str(tmp_path / "backbone")
+  assert convert.main([src, "--out", out, "--backbone-only"]) == 0
+  images, _ = random_inputs()
+  np.testing.assert_allclose(convert.load_model(out)(images), tiny_model.backbone(images),
+                             atol=1e-5)
 
 
 def test_cli_refuses_to_overwrite(tmp_path, exported):
