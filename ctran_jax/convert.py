@@ -299,8 +299,13 @@ def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
   return obj
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Read a state dict from .pth/.pt (needs torch), .npz or .safetensors as numpy arrays."""
+def read_state_dict(path: str, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """Read a state dict from .pth/.pt (needs torch), .npz or .safetensors as numpy arrays.
+
+  torch files are opened with ``weights_only=True``; a training checkpoint that also
+  pickled other objects (e.g. numpy scalars for metrics) needs ``trust_pickle=True``,
+  which runs its pickle code: only for files from a trusted source.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   ext = os.path.splitext(path)[1].lower()
@@ -312,7 +317,16 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
           f"reading {path} needs PyTorch: `pip install torch`, or convert it to .npz or "
           ".safetensors on a machine that has torch, e.g. `np.savez(out, **{k: v.numpy() "
           "for k, v in torch.load(path).items()})`") from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError here
+      if trust_pickle or "Unsupported global" not in str(e):
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise ValueError(f"{path}: not a readable torch checkpoint ({detail})") from e
+      raise ValueError(
+          f"{path}: holds pickled objects besides tensors, which torch will not load with "
+          "weights_only=True. If you trust the file, pass --trust-pickle "
+          "(read_state_dict(..., trust_pickle=True))") from e
   elif ext == ".npz":
     with np.load(path, allow_pickle=False) as f:
       obj = {k: f[k] for k in f.files}
@@ -428,9 +442,10 @@ def load_model(directory: str, **overrides) -> nnx.Module:
 # CLI
 # ---------------------------------------------------------------------------------------
 
-def convert_file(src: str, out: str, *, backbone_only: bool = False, heads: int = 4) -> nnx.Module:
+def convert_file(src: str, out: str, *, backbone_only: bool = False, heads: int = 4,
+                 trust_pickle: bool = False) -> nnx.Module:
   """Read `src`, build the matching model, save it to `out`; returns the model."""
-  state_dict = read_state_dict(src)
+  state_dict = read_state_dict(src, trust_pickle=trust_pickle)
   if "label_lt.weight" in state_dict and not backbone_only:
     model = from_reference(state_dict, heads=heads)
   else:
@@ -457,9 +472,12 @@ def main(argv=None) -> int:
                       help="keep only the ResNet (a torchvision file, or a C-Tran's backbone)")
   parser.add_argument("--heads", type=int, default=4,
                       help="attention heads of a C-Tran checkpoint (not stored in it; default 4)")
+  parser.add_argument("--trust-pickle", action="store_true",
+                      help="allow a .pth that pickles more than tensors (runs its pickle code)")
   args = parser.parse_args(argv)
   try:
-    model = convert_file(args.src, args.out, backbone_only=args.backbone_only, heads=args.heads)
+    model = convert_file(args.src, args.out, backbone_only=args.backbone_only, heads=args.heads,
+                         trust_pickle=args.trust_pickle)
   except (FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

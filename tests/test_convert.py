@@ -1,8 +1,10 @@
 """Weight import: state-dict checks, file formats, round trips and the CLI."""
 
 import os
+import pickle
 import subprocess
 import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -116,6 +118,53 @@ def test_pth_without_torch_says_what_to_do(tmp_path, monkeypatch):
   path.write_bytes(b"not really a zip")
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
   with pytest.raises(ImportError, match=r"pip install torch.*\.npz or \.safetensors"):
+    convert.read_state_dict(str(path))
+
+
+class FakeTorch(types.ModuleType):
+  """Stands in for torch (not installed in CI): ``load`` behaves like torch's for a file."""
+
+  def __init__(self, result=None, error=None):
+    super().__init__("torch")
+    self.result, self.error, self.calls = result, error, []
+
+  def load(self, path, map_location=None, weights_only=True):
+    self.calls.append(weights_only)
+    if self.error and weights_only:
+      raise self.error
+    return self.result
+
+
+def test_pth_through_torch_load(tmp_path, monkeypatch, exported):
+  path = tmp_path / "model.pth"
+  path.write_bytes(b"")
+  fake = FakeTorch(result={"state_dict": {f"module.{k}": v for k, v in exported.items()}})
+  monkeypatch.setitem(sys.modules, "torch", fake)
+  assert set(convert.read_state_dict(str(path))) == set(exported)
+  assert fake.calls == [True]  # weights_only unless the user trusts the file
+
+
+def test_pth_with_pickled_extras_needs_trust(tmp_path, monkeypatch, exported):
+  path = tmp_path / "model.pth"
+  path.write_bytes(b"")
+  error = pickle.UnpicklingError("Weights only load failed. ... WeightsUnpickler error: "
+                                 "Unsupported global: GLOBAL numpy._core.multiarray.scalar")
+  fake = FakeTorch(result={"state_dict": exported, "valid_mAP": 0.8}, error=error)
+  monkeypatch.setitem(sys.modules, "torch", fake)
+  with pytest.raises(ValueError, match="--trust-pickle"):
+    convert.read_state_dict(str(path))
+  assert set(convert.read_state_dict(str(path), trust_pickle=True)) == set(exported)
+  assert fake.calls == [True, False]
+
+
+def test_unreadable_pth_is_named(tmp_path, monkeypatch):
+  path = tmp_path / "model.pth"
+  path.write_bytes(b"garbage")
+  error = pickle.UnpicklingError("Weights only load failed. WeightsUnpickler error: \n\n"
+                                 "Unsupported operand 103\n")
+  monkeypatch.setitem(sys.modules, "torch", FakeTorch(error=error))
+  with pytest.raises(ValueError, match=r"model.pth: not a readable torch checkpoint "
+                                       r"\(Unsupported operand 103\)"):
     convert.read_state_dict(str(path))
 
 
