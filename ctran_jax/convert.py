@@ -14,7 +14,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -26,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ctran_jax.model_store import WEIGHTS, materialize, save_model
 from ctran_jax.models.ctran import CTran, LabelwiseLinear
 from ctran_jax.models.resnet import RESNET_SPECS, BatchNorm, ResNet
 
-WEIGHTS = (nnx.Param, nnx.BatchStat)  # what checkpoints hold; RNG state is not weights
 REFERENCE_BACKBONE_PREFIX = "backbone.base_network."
 # Keys that torch checkpoints carry but the JAX model has no use for.
 _IGNORED = re.compile(r"(^|\.)num_batches_tracked$|(^|\.)fc\.(weight|bias)$")
@@ -180,26 +179,6 @@ def _describe(model) -> str:
 # Building models from state dicts
 # ---------------------------------------------------------------------------------------
 
-def _materialize(abstract_model: nnx.Module, seed: int = 0) -> nnx.Module:
-  """Give the non-weight leaves of an ``nnx.eval_shape`` model (RNG keys/counts) real values.
-
-  Building through ``eval_shape`` avoids initialising ~100M parameters eagerly just to
-  overwrite them (tens of seconds for a ResNet-101 on 2 CPU cores).
-  """
-  graphdef, state = nnx.split(abstract_model)
-  base = jax.random.key(seed)
-  counter = iter(range(1 << 30))
-
-  def fill(leaf):
-    if not isinstance(leaf, jax.ShapeDtypeStruct):
-      return leaf
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      return jax.random.fold_in(base, next(counter))
-    return jnp.zeros(leaf.shape, leaf.dtype)
-
-  return nnx.merge(graphdef, jax.tree.map(fill, state))
-
-
 def resnet_options_from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
   """Infer depth/block/stage sizes/width of a torchvision-layout ResNet from its keys."""
   if f"{prefix}conv1.weight" not in state_dict:
@@ -253,7 +232,7 @@ def from_reference(state_dict: Mapping[str, Any], *, heads: int = 4, seed: int =
   state_dict = _as_numpy(state_dict)
   config = {**reference_options_from_state_dict(state_dict), "heads": heads, **options}
   num_labels = config.pop("num_labels")
-  model = _materialize(nnx.eval_shape(lambda: CTran(num_labels, **config, rngs=nnx.Rngs(seed))),
+  model = materialize(nnx.eval_shape(lambda: CTran(num_labels, **config, rngs=nnx.Rngs(seed))),
                        seed)
   load_state_dict(model, state_dict, reference=True)
   model.eval()
@@ -265,7 +244,7 @@ def resnet_from_torchvision(state_dict: Mapping[str, Any], *, seed: int = 0,
   """A ResNet holding a torchvision ResNet state dict (``fc`` is ignored); eval mode."""
   state_dict = _as_numpy(state_dict)
   inferred = resnet_options_from_state_dict(state_dict)
-  model = _materialize(nnx.eval_shape(lambda: ResNet(
+  model = materialize(nnx.eval_shape(lambda: ResNet(
       inferred["backbone_depth"], **_resnet_kwargs(inferred), **options,
       rngs=nnx.Rngs(seed))), seed)
   load_state_dict(model, state_dict)
@@ -337,105 +316,6 @@ def read_state_dict(path: str, *, trust_pickle: bool = False) -> dict[str, np.nd
     raise ValueError(f"{path}: unknown checkpoint format {ext!r}; "
                      "use .pth/.pt (torch), .npz or .safetensors")
   return _as_numpy(_unwrap(obj, path))
-
-
-# ---------------------------------------------------------------------------------------
-# Saving converted models (orbax)
-# ---------------------------------------------------------------------------------------
-
-MODEL_FORMAT = "ctran_jax/model/v1"
-
-
-def _json_config(config: dict) -> dict:
-  out = {}
-  for k, v in config.items():
-    if k == "dtype":
-      v = jnp.dtype(v).name
-    elif isinstance(v, tuple):
-      v = list(v)
-    out[k] = v
-  return out
-
-
-def model_config(model: nnx.Module) -> dict:
-  """The constructor arguments that rebuild `model` (stored beside saved weights)."""
-  if isinstance(model, ResNet):
-    return {"kind": "resnet", "depth": model.depth, "width": model.width,
-            "stage_sizes": list(model.stage_sizes), "block": model.block}
-  if isinstance(model, CTran):
-    bb, layer = model.backbone, model.encoder[0]
-    return {"kind": "ctran", "num_labels": model.num_labels, "hidden": model.hidden,
-            "heads": layer.heads, "layers": len(model.encoder),
-            "ffn_dim": layer.linear1.out_features, "dropout": layer.dropout1.rate,
-            "use_lmt": model.use_lmt, "pos_emb": model.pos_emb,
-            "image_tokens": model.image_tokens, "backbone_depth": bb.depth,
-            "backbone_width": bb.width, "backbone_stage_sizes": list(bb.stage_sizes),
-            "backbone_block": bb.block}
-  raise TypeError(f"cannot describe a {type(model).__name__}")
-
-
-def build_model(config: dict, *, seed: int = 0, abstract: bool = False, **overrides):
-  """Rebuild a model from `model_config` output (+ overrides such as dtype or bn_mode)."""
-  config = {**config, **overrides}
-  kind = config.pop("kind")
-  if kind == "resnet":
-    depth = config.pop("depth")
-    make = lambda: ResNet(depth, **config, rngs=nnx.Rngs(seed))  # noqa: E731
-  elif kind == "ctran":
-    num_labels = config.pop("num_labels")
-    make = lambda: CTran(num_labels, **config, rngs=nnx.Rngs(seed))  # noqa: E731
-  else:
-    raise ValueError(f"unknown model kind {kind!r}")
-  return nnx.eval_shape(make) if abstract else _materialize(nnx.eval_shape(make), seed)
-
-
-def save_model(model: nnx.Module, directory: str) -> str:
-  """Write weights (orbax) + ``model.json`` (format, constructor config) to `directory`."""
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(directory)
-  if os.path.exists(os.path.join(directory, "model.json")):
-    raise FileExistsError(f"{directory} already holds a converted model; choose another --out")
-  os.makedirs(directory, exist_ok=True)
-  weights = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, "weights"), weights)
-    ckptr.wait_until_finished()
-  meta = {"format": MODEL_FORMAT, "config": _json_config(model_config(model))}
-  tmp = os.path.join(directory, "model.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2)
-  os.replace(tmp, os.path.join(directory, "model.json"))  # written last: marks completeness
-  return directory
-
-
-def load_model(directory: str, **overrides) -> nnx.Module:
-  """Restore a model written by `save_model` (eval mode). Overrides: dtype, bn_mode, ..."""
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(directory)
-  meta_path = os.path.join(directory, "model.json")
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{directory} is not a converted model (no model.json); "
-                            "create one with `python -m ctran_jax.convert SRC --out DIR`")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != MODEL_FORMAT:
-    raise ValueError(f"{meta_path}: unsupported format {meta.get('format')!r}")
-  config = meta["config"]
-  for key in ("stage_sizes", "backbone_stage_sizes"):
-    if config.get(key) is not None:
-      config[key] = tuple(config[key])
-  model = build_model(config, **overrides)
-  target = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(os.path.join(directory, "weights"), abstract)
-  state = nnx.state(model, WEIGHTS)
-  nnx.replace_by_pure_dict(state, restored)
-  nnx.update(model, state)
-  model.eval()
-  return model
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from conftest import random_inputs, tiny_ctran
 from flax import nnx
 
-from ctran_jax import convert
+from ctran_jax import convert, model_store
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +181,12 @@ def test_cli_converts_and_the_result_restores(tmp_path, exported, tiny_model):
   np.savez(src, **exported)
   out = str(tmp_path / "converted")
   assert convert.main([src, "--out", out]) == 0
-  restored = convert.load_model(out)
+  restored = model_store.load_model(out)
   images, states = random_inputs()
   np.testing.assert_allclose(restored(images, states), tiny_model(images, states), atol=1e-6)
   np.testing.assert_array_equal(restored.backbone.bn1.mean[...], tiny_model.backbone.bn1.mean[...])
   # bfloat16 compute can be chosen at restore time; parameters stay float32
-  assert convert.load_model(out, dtype=jnp.bfloat16).backbone(images).dtype == jnp.bfloat16
+  assert model_store.load_model(out, dtype=jnp.bfloat16).backbone(images).dtype == jnp.bfloat16
 
 
 def test_cli_errors_are_one_line_messages(tmp_path, exported, capsys):
@@ -212,7 +212,7 @@ def test_cli_takes_the_backbone_of_a_reference_checkpoint(tmp_path, exported, ti
   out = str(tmp_path / "backbone")
   assert convert.main([src, "--out", out, "--backbone-only"]) == 0
   images, _ = random_inputs()
-  np.testing.assert_allclose(convert.load_model(out)(images), tiny_model.backbone(images),
+  np.testing.assert_allclose(model_store.load_model(out)(images), tiny_model.backbone(images),
                              atol=1e-5)
 
 
@@ -226,7 +226,7 @@ def test_cli_refuses_to_overwrite(tmp_path, exported):
 
 def test_load_model_on_a_directory_without_a_model(tmp_path):
   with pytest.raises(FileNotFoundError, match="python -m ctran_jax.convert"):
-    convert.load_model(str(tmp_path))
+    model_store.load_model(str(tmp_path))
 
 
 def test_module_entry_point(tmp_path, exported):
@@ -243,6 +243,6 @@ def test_restored_model_comes_back_in_eval_mode(tmp_path, exported):
   src = str(tmp_path / "ctran.npz")
   np.savez(src, **exported)
   assert convert.main([src, "--out", str(tmp_path / "m")]) == 0
-  model = convert.load_model(str(tmp_path / "m"))
+  model = model_store.load_model(str(tmp_path / "m"))
   assert isinstance(model, nnx.Module)
   assert model.encoder[0].dropout1.deterministic and model.backbone.bn1.use_running_average
