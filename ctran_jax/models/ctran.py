@@ -123,6 +123,7 @@ class CTran(nnx.Module):
     return (out["logits"], out["attention"]) if return_attention else out["logits"]
 
   def label_tokens(self, batch_size: int, label_states: jax.Array) -> jax.Array:
+    """(B, L, D): label embedding, plus the state embedding of each label when ``use_lmt``."""
     tokens = jnp.broadcast_to(self.label_embedding.embedding[...][None],
                               (batch_size, self.num_labels, self.hidden))
     if self.use_lmt:
@@ -139,9 +140,9 @@ class CTran(nnx.Module):
     ``tokens`` (input-LayerNorm output, B, S, D), ``hidden`` (last layer output).
     """
     b, h, w, _ = feature_map.shape
-    if label_states.shape != (b, self.num_labels):
+    if jnp.shape(label_states) != (b, self.num_labels):
       raise ValueError(f"label_states must have shape {(b, self.num_labels)}, "
-                       f"got {label_states.shape}")
+                       f"got {jnp.shape(label_states)}")
     parts = []
     if self.image_tokens:
       image = feature_map.reshape(b, h * w, feature_map.shape[-1]).astype(self.dtype)
