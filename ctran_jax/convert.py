@@ -153,8 +153,7 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   `prefix` selects a sub-tree of the state dict, e.g. ``"backbone.base_network."`` to take
   a reference checkpoint's backbone for a ResNet.
   """
-  if prefix:
-    state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  state_dict = sub_state_dict(state_dict, prefix)
   layout = torch_layout(model, reference=reference)
   check_state_dict(state_dict, layout, f"{type(model).__name__} ({_describe(model)})")
   updates = {}
@@ -165,6 +164,11 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
     variable.set_value(updates[path])
   nnx.update(model, state)
   return model
+
+
+def sub_state_dict(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  """The entries under `prefix`, with the prefix removed (all entries for prefix "")."""
+  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _describe(model) -> str:
@@ -330,8 +334,7 @@ def convert_file(src: str, out: str, *, backbone_only: bool = False, heads: int 
     model = from_reference(state_dict, heads=heads)
   else:
     if f"{REFERENCE_BACKBONE_PREFIX}conv1.weight" in state_dict:  # a C-Tran's backbone
-      state_dict = {k[len(REFERENCE_BACKBONE_PREFIX):]: v for k, v in state_dict.items()
-                    if k.startswith(REFERENCE_BACKBONE_PREFIX)}
+      state_dict = sub_state_dict(state_dict, REFERENCE_BACKBONE_PREFIX)
     if "conv1.weight" not in state_dict:
       raise ValueError(
           f"{src}: neither a reference C-Tran checkpoint (no 'label_lt.weight') nor a "

@@ -79,6 +79,13 @@ def test_ignored_torch_buffers(exported, tiny_model):
   np.testing.assert_allclose(model(images, states), tiny_model(images, states), atol=1e-6)
 
 
+def test_prefix_loads_a_reference_backbone_into_a_resnet(exported, tiny_model):
+  resnet = tiny_ctran(seed=3).backbone
+  convert.load_state_dict(resnet, exported, prefix=convert.REFERENCE_BACKBONE_PREFIX)
+  images, _ = random_inputs()
+  np.testing.assert_allclose(resnet(images), tiny_model.backbone(images), atol=1e-5)
+
+
 def test_torchvision_backbone_import(tiny_model):
   backbone_sd = convert.export_state_dict(tiny_model.backbone)
   assert "conv1.weight" in backbone_sd and "layer4.0.conv3.weight" in backbone_sd
