@@ -1,0 +1,92 @@
+"""Ternary label states for label-mask training (LMT) and partial-label evaluation.
+
+A state is -1 (unknown), 0 (known negative) or 1 (known positive); the model adds the state
+embedding ``state + 1``. Which labels are known is a pure function of
+``(seed, step, example_id)`` in training and of ``(seed, example_id)`` in evaluation, computed
+with a counter-based hash on the host. So a resumed run sees the same masks, and evaluation
+masks do not depend on batch size, device count or host count (the reference seeds Python's
+``random`` from OS entropy in training and from a SHA-1 of the image tensor at test time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+UNKNOWN = -1
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  """The splitmix64 finaliser: a well-mixed 64-bit hash of each uint64 entry."""
+  with np.errstate(over="ignore"):
+    x = (x + _GOLDEN).astype(np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash(*parts) -> np.ndarray:
+  """Hash a tuple of integer arrays (broadcast together) into uint64 values."""
+  h = np.zeros((), np.uint64)
+  with np.errstate(over="ignore"):
+    for part in parts:
+      h = _splitmix64(h ^ np.asarray(part).astype(np.uint64))
+  return h
+
+
+def _uniform(*parts) -> np.ndarray:
+  """Uniform [0, 1) floats from the hash (53 random bits)."""
+  return (_hash(*parts) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _known_subset(scores: np.ndarray, num_known: np.ndarray) -> np.ndarray:
+  """Known = the `num_known` labels with the smallest scores (a uniform subset of that size)."""
+  ranks = np.argsort(np.argsort(scores, axis=-1, kind="stable"), axis=-1, kind="stable")
+  return ranks < np.asarray(num_known)[..., None]
+
+
+def states_from_known(labels, known) -> np.ndarray:
+  """States: the label (0/1) where known, -1 elsewhere."""
+  return np.where(known, np.asarray(labels), UNKNOWN).astype(np.int32)
+
+
+def max_known_labels(num_labels: int, max_known_fraction: float) -> int:
+  """floor(fraction * L): the reference's upper bound (inclusive) on known labels."""
+  return int(max_known_fraction * num_labels)
+
+
+_TRAIN, _EVAL = 1, 2  # stream tags, so train and eval masks never share hash inputs
+
+
+def train_states(labels, example_ids, *, step: int, seed: int,
+                 max_known_fraction: float = 0.75) -> np.ndarray:
+  """LMT states for a training batch (the reference rule, made deterministic).
+
+  Per example: the number of known labels is uniform over 0..floor(f * L) inclusive and the
+  known set is a uniform random subset of that size; known labels show their true state.
+  """
+  labels = np.asarray(labels)
+  ids = np.asarray(example_ids).astype(np.uint64)[:, None]
+  num_labels = labels.shape[-1]
+  upper = max_known_labels(num_labels, max_known_fraction)
+  count_u = _uniform(_TRAIN, seed, step, ids, num_labels)[:, 0]
+  num_known = np.minimum((count_u * (upper + 1)).astype(np.int64), upper)
+  scores = _uniform(_TRAIN, seed, step, ids, np.arange(num_labels, dtype=np.uint64))
+  return states_from_known(labels, _known_subset(scores, num_known))
+
+
+def eval_states(labels, example_ids, *, known_fraction: float, seed: int = 0) -> np.ndarray:
+  """States for partial-label evaluation: ``int(fraction * L)`` known labels per example.
+
+  The known set depends only on (seed, example id); the sets are nested across fractions
+  (every label known at 25 % is also known at 50 %), so fractions are comparable.
+  """
+  if not 0.0 <= known_fraction <= 1.0:
+    raise ValueError(f"known_fraction must be in [0, 1], got {known_fraction}")
+  labels = np.asarray(labels)
+  ids = np.asarray(example_ids).astype(np.uint64)[:, None]
+  num_labels = labels.shape[-1]
+  num_known = np.full(labels.shape[0], int(known_fraction * num_labels))
+  scores = _uniform(_EVAL, seed, ids, np.arange(num_labels, dtype=np.uint64))
+  return states_from_known(labels, _known_subset(scores, num_known))

@@ -1,0 +1,72 @@
+"""Label-mask sampling: the reference's known-count law, determinism, eval masks per example."""
+
+import numpy as np
+import pytest
+
+from ctran_jax import label_mask
+
+
+def _labels(n, num_labels, seed=0):
+  return (np.random.default_rng(seed).random((n, num_labels)) < 0.3).astype(np.int32)
+
+
+def test_train_known_count_is_uniform_over_zero_to_floor_three_quarters():
+  n, num_labels = 40_000, 10                      # floor(0.75 * 10) = 7 -> 8 equally likely counts
+  states = label_mask.train_states(_labels(n, num_labels), np.arange(n), step=3, seed=0)
+  counts = np.sum(states != label_mask.UNKNOWN, axis=1)
+  assert counts.min() == 0 and counts.max() == 7
+  freq = np.bincount(counts, minlength=8) / n
+  np.testing.assert_allclose(freq, 1 / 8, atol=0.01)
+
+
+def test_train_known_set_is_uniform_over_labels_and_shows_true_state():
+  n, num_labels = 20_000, 12
+  labels = _labels(n, num_labels)
+  states = label_mask.train_states(labels, np.arange(n), step=0, seed=1)
+  known = states != label_mask.UNKNOWN
+  np.testing.assert_array_equal(states[known], labels[known])
+  per_label = known.mean(axis=0)                  # E = E[count] / L = (9 / 2) / 12 = 0.375
+  np.testing.assert_allclose(per_label, 4.5 / 12, atol=0.02)
+
+
+@pytest.mark.parametrize("num_labels,upper", [(80, 60), (20, 15), (3, 2), (1, 0)])
+def test_train_bounds_follow_the_reference_integer_rule(num_labels, upper):
+  assert label_mask.max_known_labels(num_labels, 0.75) == upper
+  n = 5_000
+  counts = np.sum(label_mask.train_states(_labels(n, num_labels), np.arange(n), step=0,
+                                          seed=0) != -1, axis=1)
+  assert counts.max() == upper and counts.min() == 0
+
+
+def test_train_states_are_deterministic_per_seed_step_and_example():
+  labels, ids = _labels(64, 20), np.arange(1000, 1064)
+  a = label_mask.train_states(labels, ids, step=7, seed=0)
+  np.testing.assert_array_equal(a, label_mask.train_states(labels, ids, step=7, seed=0))
+  # Independent of the batch an example sits in (order, batch size, host).
+  perm = np.random.default_rng(0).permutation(64)
+  np.testing.assert_array_equal(a[perm], label_mask.train_states(labels[perm], ids[perm],
+                                                                 step=7, seed=0))
+  np.testing.assert_array_equal(a[:5], label_mask.train_states(labels[:5], ids[:5], step=7,
+                                                               seed=0))
+  assert (a != label_mask.train_states(labels, ids, step=8, seed=0)).any()
+  assert (a != label_mask.train_states(labels, ids, step=7, seed=1)).any()
+
+
+def test_eval_states_depend_only_on_example_and_nest_across_fractions():
+  labels, ids = _labels(200, 80), np.arange(200) * 7919
+  masks = {f: label_mask.eval_states(labels, ids, known_fraction=f, seed=0)
+           for f in (0.0, 0.25, 0.5, 0.75)}
+  for f, states in masks.items():
+    np.testing.assert_array_equal(np.sum(states != -1, axis=1), int(f * 80))
+  assert (masks[0.0] == -1).all()
+  assert ((masks[0.25] != -1) <= (masks[0.5] != -1)).all()
+  assert ((masks[0.5] != -1) <= (masks[0.75] != -1)).all()
+  half = label_mask.eval_states(labels[100:], ids[100:], known_fraction=0.5, seed=0)
+  np.testing.assert_array_equal(half, masks[0.5][100:])
+  # Different examples get different known sets.
+  assert len({tuple(np.flatnonzero(r != -1)) for r in masks[0.5]}) > 190
+
+
+def test_eval_fraction_out_of_range_is_an_error():
+  with pytest.raises(ValueError, match="known_fraction"):
+    label_mask.eval_states(_labels(2, 4), [0, 1], known_fraction=1.5)
