@@ -119,3 +119,19 @@ def load_model(directory: str, **overrides) -> nnx.Module:
   nnx.update(model, state)
   model.eval()
   return model
+
+
+def init_model(config: dict, *, seed: int = 0, **overrides) -> nnx.Module:
+  """A freshly initialised model from a `model_config`-style dict, built by one compiled call.
+
+  Eager NNX construction runs every initialiser op by op (tens of seconds for a ResNet-101
+  on 2 CPU cores); compiling the constructor once is much faster.
+  """
+  abstract = build_model(config, seed=seed, **overrides)
+  graphdef, _ = nnx.split(abstract)
+  config = {**config, **overrides}
+  kind = config.pop("kind")
+  cls = {"resnet": ResNet, "ctran": CTran}[kind]
+  first = config.pop("depth" if kind == "resnet" else "num_labels")
+  state = jax.jit(lambda: nnx.state(cls(first, **config, rngs=nnx.Rngs(seed))))()
+  return nnx.merge(graphdef, state)

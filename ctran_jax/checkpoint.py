@@ -1,0 +1,126 @@
+"""Training checkpoints: a thin orbax wrapper that refuses to restore into the wrong model.
+
+Layout under the workdir::
+
+  checkpoints/<step>/{state,meta}   the last `keep` saves (async, every N steps and at the end)
+  best/<step>/{state,meta}          the save with the best validation metric so far
+
+``state`` is the array pytree (params, BatchNorm statistics, optimizer state, step);
+``meta`` is JSON: the model config, label count and names, seed, data position and host-side
+schedule state, which is everything else a resumed run needs. Before any array is read, the
+stored model config is compared with the current one, so a checkpoint from another model or
+label count fails with a message that lists the differences instead of a shape error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+FORMAT = "ctran_jax/train_state/v1"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be used: missing, or from a different model / label set."""
+
+
+def _manager(directory: str, keep: int, asynchronous: bool) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=asynchronous)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def model_mismatch(stored: dict, current: dict) -> list[str]:
+  """Human-readable differences between two model configs (empty when compatible)."""
+  keys = sorted(set(stored) | set(current))
+  return [f"{k}: checkpoint has {stored.get(k)!r}, config has {current.get(k)!r}"
+          for k in keys if stored.get(k) != current.get(k)]
+
+
+class Checkpoints:
+  """Latest-K and best checkpoints of one training run."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
+    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, asynchronous)
+    self.best = _manager(os.path.join(workdir, "best"), 1, asynchronous)
+
+  def save(self, step: int, state, meta: dict, *, best: bool = False) -> None:
+    """Save asynchronously (all processes must call); `best` also replaces the best copy."""
+    meta = {"format": FORMAT, "step": int(step), **meta}
+    for manager in (self.latest, self.best) if best else (self.latest,):
+      if manager.latest_step() == step:
+        continue
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 meta=ocp.args.JsonSave(meta)))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def resolve(workdir: str, which: str) -> tuple[str, int]:
+  """(manager directory, step) for ``latest``, ``best`` or a path to a step directory."""
+  if which in ("latest", "best"):
+    directory = os.path.join(workdir, "checkpoints" if which == "latest" else "best")
+    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+    if not steps:
+      raise CheckpointError(f"no {which} checkpoint in {directory}: train first "
+                            f"(python -m ctran_jax.main --mode=train --workdir={workdir} ...)")
+    return directory, max(steps)
+  path = os.path.abspath(which.rstrip("/"))
+  name = os.path.basename(path)
+  if not (os.path.isdir(path) and name.isdigit()):
+    raise CheckpointError(f"--checkpoint={which!r} is not 'latest', 'best' or a checkpoint step "
+                          f"directory such as {os.path.join(workdir, 'checkpoints', '1000')}")
+  return os.path.dirname(path), int(name)
+
+
+def read_meta(directory: str, step: int) -> dict:
+  """The JSON side of a checkpoint (cheap: no arrays are read)."""
+  manager = _manager(directory, 1, asynchronous=False)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable dirs
+    raise CheckpointError(f"cannot read checkpoint {directory}/{step}: {e}") from e
+  finally:
+    manager.close()
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(f"{directory}/{step} is not a ctran_jax training checkpoint "
+                          f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+  return meta
+
+
+def restore(directory: str, step: int, target_state, *, model_config: dict,
+            num_labels: int) -> tuple[object, dict]:
+  """Restore ``(state, meta)`` onto `target_state`'s structure and shardings.
+
+  Raises `CheckpointError` when the checkpoint belongs to another model or label count.
+  """
+  meta = read_meta(directory, step)
+  problems = model_mismatch(meta.get("model", {}), model_config)
+  if meta.get("num_labels") != num_labels:
+    problems.insert(0, f"num_labels: checkpoint has {meta.get('num_labels')}, "
+                       f"dataset has {num_labels}")
+  if problems:
+    raise CheckpointError(f"checkpoint {directory}/{step} was written by a different model:\n  "
+                          + "\n  ".join(problems)
+                          + "\nUse a fresh --workdir, or the config that wrote it.")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+  manager = _manager(directory, 1, asynchronous=False)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f"checkpoint {directory}/{step} does not fit the model: {e}") from e
+  finally:
+    manager.close()
+  return restored, meta

@@ -1,0 +1,243 @@
+"""End-to-end training on the generated demo data: mesh invariance, resume, eval mode, errors.
+
+Runs use a tiny C-Tran (width-8 backbone, hidden 32) on 32x32 crops of ``ctran_demo/tiny``
+so that each run compiles and trains in seconds; the 8 fake CPU devices come from conftest.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import default
+from ctran_jax import checkpoint, train
+from ctran_jax.data import demo
+from ctran_jax.losses import masked_bce
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+NUM_LABELS = len(demo.LABEL_NAMES)
+
+
+def tiny_config(data_dir, **overrides):
+  c = default.get_config()
+  c.data.name = "ctran_demo/tiny"
+  c.data.data_dir = data_dir
+  c.data.image_size, c.data.scale_size, c.data.crop_sizes = 32, 36, (36, 32, 28)
+  c.model.backbone_width, c.model.hidden, c.model.layers = 8, 32, 1
+  c.schedule.name, c.schedule.warmup_steps = "constant", 0
+  c.batch_size = 16
+  c.num_train_steps = STEPS
+  c.log_every_steps = 1
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 4
+  c.eval.batch_size = 32
+  c.eval.known_fractions = (0.0, 0.5)
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def losses(result):
+  return np.array([r["loss"] for r in result["train_log"]])
+
+
+@pytest.fixture(scope="module")
+def run_8dev(demo_data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run8"))
+  return workdir, train.train_and_evaluate(tiny_config(demo_data_dir), workdir)
+
+
+def test_training_writes_report_checkpoints_and_learns(run_8dev):
+  workdir, result = run_8dev
+  assert jax.device_count() == 8
+  assert [r["step"] for r in result["train_log"]] == list(range(1, STEPS + 1))
+  assert np.all(np.isfinite(losses(result)))
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    doc = json.load(f)
+  assert doc["format"] == "ctran_jax/eval/v1" and doc["step"] == STEPS
+  assert doc["num_labels"] == NUM_LABELS and doc["label_names"] == list(demo.LABEL_NAMES)
+  assert set(doc["splits"]) == {"validation", "test"}
+  for split in doc["splits"].values():
+    assert set(split["known"]) == {"0", "50"}
+    for values in split["known"].values():
+      assert {"mAP", "CF1", "OF1", "CP_top3", "ACC", "HA", "ebF1", "loss"} <= set(values)
+  assert doc["splits"]["test"]["num_examples"] == 100
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  assert len(os.listdir(os.path.join(workdir, "best"))) == 1
+  with open(os.path.join(workdir, "eval", "history.jsonl")) as f:
+    history = [json.loads(line) for line in f]
+  assert [(h["step"], h["split"]) for h in history] == [(4, "validation"), (8, "validation"),
+                                                        (8, "test")]
+
+
+def test_one_device_gives_the_same_loss_trajectory(run_8dev, demo_data_dir, tmp_path):
+  _, result8 = run_8dev
+  result1 = train.train_and_evaluate(tiny_config(demo_data_dir, **{"mesh.num_devices": 1}),
+                                     str(tmp_path))
+  np.testing.assert_allclose(losses(result1), losses(result8), rtol=2e-5)
+  m1 = result1["reports"]["test"]["known"]["0"]["mAP"]
+  m8 = result8["reports"]["test"]["known"]["0"]["mAP"]
+  assert abs(m1 - m8) < 1e-3
+
+
+def test_resume_continues_exactly(run_8dev, demo_data_dir, tmp_path):
+  _, uninterrupted = run_8dev
+  first = train.train_and_evaluate(tiny_config(demo_data_dir, num_train_steps=STEPS // 2),
+                                   str(tmp_path))
+  resumed = train.train_and_evaluate(tiny_config(demo_data_dir), str(tmp_path))
+  assert [r["step"] for r in resumed["train_log"]] == list(range(STEPS // 2 + 1, STEPS + 1))
+  np.testing.assert_allclose(np.concatenate([losses(first), losses(resumed)]),
+                             losses(uninterrupted), rtol=1e-6)
+  for split in ("validation", "test"):
+    for frac in ("0", "50"):
+      a = resumed["reports"][split]["known"][frac]
+      b = uninterrupted["reports"][split]["known"][frac]
+      assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-6)
+      assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_eval_mode_reproduces_the_final_evaluation(run_8dev, demo_data_dir):
+  workdir, result = run_8dev
+  reports = train.evaluate_checkpoint(tiny_config(demo_data_dir), workdir, "latest")
+  for split, report in reports.items():
+    for frac, values in report["known"].items():
+      expected = result["reports"][split]["known"][frac]
+      for name, value in values.items():
+        assert value == pytest.approx(expected[name], abs=1e-6), (split, frac, name)
+
+
+def test_checkpoint_from_another_model_is_refused(run_8dev, demo_data_dir):
+  workdir, _ = run_8dev
+  with pytest.raises(checkpoint.CheckpointError, match="hidden: checkpoint has 32"):
+    train.evaluate_checkpoint(tiny_config(demo_data_dir, **{"model.hidden": 48}), workdir)
+  directory, step = checkpoint.resolve(workdir, "latest")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=f"num_labels: checkpoint has {NUM_LABELS}, dataset has 99"):
+    checkpoint.restore(directory, step, {}, model_config=checkpoint.read_meta(
+        directory, step)["model"], num_labels=99)
+  with pytest.raises(checkpoint.CheckpointError, match="not 'latest', 'best'"):
+    checkpoint.resolve(workdir, os.path.join(workdir, "eval"))
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="no best checkpoint"):
+    checkpoint.resolve(str(tmp_path), "best")
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """Without dropout and with frozen BatchNorm, 4 micro-batches give the same update."""
+  from conftest import tiny_ctran
+
+  model = tiny_ctran(num_labels=5, dropout=0.0, bn_mode="frozen")
+  graphdef, params, batch_stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  rng = np.random.default_rng(0)
+  labels = (rng.random((8, 5)) < 0.4).astype(np.int32)
+  batch = {"image": jnp.asarray(rng.standard_normal((8, 32, 32, 3)), jnp.float32),
+           "labels": jnp.asarray(labels),
+           "states": jnp.asarray(np.where(rng.random((8, 5)) < 0.5, labels, -1), jnp.int32)}
+  tx = optax.sgd(0.1)
+  results = {}
+  for reduction in ("sum", "mean"):
+    for accum in (1, 4):
+      state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+               "step": jnp.zeros((), jnp.int32)}
+      step = jax.jit(train.make_train_step(graphdef, tx, optax.constant_schedule(0.1), seed=0,
+                                           reduction=reduction, accum_steps=accum))
+      new_state, metrics = step(state, rng_state, batch, jnp.float32(1.0))
+      results[reduction, accum] = (new_state["params"], metrics)
+    (p1, m1), (p4, m4) = results[reduction, 1], results[reduction, 4]
+    assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-5)
+    assert float(m1["grad_norm"]) == pytest.approx(float(m4["grad_norm"]), rel=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p4)
+  model.train()
+  expected = masked_bce(model(batch["image"], batch["states"]), batch["labels"],
+                        batch["states"], reduction="mean")
+  assert float(results["mean", 1][1]["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_plateau_reduces_after_patience_evaluations():
+  plateau = train.Plateau(factor=0.1, patience=2)
+  assert [plateau.update(v) for v in (1.0, 0.9, 0.95, 0.95, 0.95, 0.8)] == \
+      [False, False, False, False, True, False]
+  assert plateau.scale == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("optimizer.name", "adagrad", "optimizer.name='adagrad'; expected one of adam, adamw, sgd"),
+    ("loss.reduction", "avg", "loss.reduction"),
+    ("grad_accum_steps", 3, "not divisible by config.grad_accum_steps=3"),
+    ("eval.known_fractions", (0.0, 1.5), "known_fractions"),
+])
+def test_bad_config_values_name_the_key(key, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.check_config(tiny_config(None, **{key: value}))
+
+
+def test_misspelt_config_key_fails_with_the_key_and_a_suggestion(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "ctran_jax.main", "--config=configs/default.py",
+       f"--workdir={tmp_path}", "--config.model.hiden=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert "unknown config key 'hiden'" in out.stderr and '"hidden"' in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def _write_tiny_config_file(path, data_dir):
+  """A config file equal to `tiny_config(data_dir)`, for the command-line tests."""
+  path.write_text(f'''
+import importlib.util
+
+spec = importlib.util.spec_from_file_location("tiny_default", {REPO!r} + "/configs/default.py")
+default = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(default)
+
+
+def get_config():
+  c = default.get_config()
+  c.data.name, c.data.data_dir = "ctran_demo/tiny", {data_dir!r}
+  c.data.image_size, c.data.scale_size, c.data.crop_sizes = 32, 36, (36, 32, 28)
+  c.model.backbone_width, c.model.hidden, c.model.layers = 8, 32, 1
+  c.schedule.name, c.schedule.warmup_steps = "constant", 0
+  c.batch_size, c.num_train_steps, c.log_every_steps = 16, {STEPS}, 1
+  c.eval_every_steps, c.checkpoint_every_steps = 4, 4
+  c.eval.batch_size, c.eval.known_fractions = 32, (0.0, 0.5)
+  return c
+''')
+  return str(path)
+
+
+def test_command_line_eval_mode_and_mismatch_error(run_8dev, demo_data_dir, tmp_path):
+  workdir, result = run_8dev
+  config = _write_tiny_config_file(tmp_path / "tiny.py", demo_data_dir)
+  base = [sys.executable, "-m", "ctran_jax.main", f"--config={config}", f"--workdir={workdir}"]
+  out = subprocess.run(base + ["--mode=eval", "--checkpoint=latest"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "mAP" in out.stdout and "known 50%" in out.stdout
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    doc = json.load(f)
+  assert doc["checkpoint"] == f"checkpoints/{STEPS}"
+  for split, report in doc["splits"].items():
+    for frac, values in report["known"].items():
+      for name, value in values.items():
+        expected = result["reports"][split]["known"][frac][name]
+        assert value == pytest.approx(expected, abs=1e-6), (split, frac, name)
+
+  out = subprocess.run(base + ["--mode=eval", "--config.model.hidden=48"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert "different model" in out.stderr and "hidden: checkpoint has 32" in out.stderr
+  assert "Traceback" not in out.stderr
