@@ -90,10 +90,12 @@ def stored_model_config(kwargs: dict) -> dict:
 # ----------------------------------------------------------------------------- optimizer
 
 def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
-  """Warm-up then constant (constant, plateau) or cosine decay to 0 (cosine)."""
+  """Warm-up then constant (constant, plateau) or cosine decay to end_fraction * lr."""
   lr, warmup = config.optimizer.learning_rate, config.schedule.warmup_steps
   if config.schedule.name == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_train_steps, warmup + 1))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(num_train_steps, warmup + 1),
+        end_value=lr * config.schedule.end_fraction)
   if warmup:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
                                  optax.constant_schedule(lr)], [warmup])

@@ -27,10 +27,8 @@ SIZES = {"train": 240, "validation": 60, "test": 100}
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  dataset_meta(default_data_config(name=TINY, data_dir=path))  # generates it
-  return path
+def data_dir(demo_data_dir):
+  return demo_data_dir  # conftest builds ctran_demo/tiny once per session
 
 
 def config(data_dir, **overrides):
