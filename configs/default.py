@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "ctran_demo"        # a TFDS dataset name
   c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: ~/tensorflow_datasets
+  c.data.prepare = False            # also build non-generated datasets on first use
   c.data.train_split = "train"
   c.data.eval_split = "validation"  # periodic evaluation, model selection, plateau schedule
   c.data.test_split = "test"        # evaluated at the end with eval_split

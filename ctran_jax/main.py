@@ -51,7 +51,7 @@ def main(argv):
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config, workdir = _CONFIG.value, _WORKDIR.value
-  known_errors = (ValueError, FileNotFoundError, checkpoint.CheckpointError,
+  known_errors = (ValueError, OSError, checkpoint.CheckpointError,
                   FloatingPointError, getattr(pipeline, "DatasetError", ValueError))
   try:
     os.makedirs(workdir, exist_ok=True)

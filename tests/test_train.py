@@ -167,6 +167,13 @@ def test_gradient_accumulation_equals_one_big_batch():
   assert float(results["mean", 1][1]["loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_config_data_section_has_every_pipeline_field():
+  """configs/default.py repeats the pipeline's data fields (it must load without TF)."""
+  from ctran_jax.data.pipeline import default_data_config
+
+  assert set(default.get_config().data) == set(default_data_config())
+
+
 def test_plateau_reduces_after_patience_evaluations():
   plateau = train.Plateau(factor=0.1, patience=2)
   assert [plateau.update(v) for v in (1.0, 0.9, 0.95, 0.95, 0.95, 0.8)] == \
