@@ -60,20 +60,28 @@ _TRAIN, _EVAL = 1, 2  # stream tags, so train and eval masks never share hash in
 
 
 def train_states(labels, example_ids, *, step: int, seed: int,
-                 max_known_fraction: float = 0.75) -> np.ndarray:
+                 max_known_fraction: float = 0.75, num_maskable: int = 0) -> np.ndarray:
   """LMT states for a training batch (the reference rule, made deterministic).
 
-  Per example: the number of known labels is uniform over 0..floor(f * L) inclusive and the
-  known set is a uniform random subset of that size; known labels show their true state.
+  Per example: the number of known labels is uniform over 0..floor(f * M) inclusive and the
+  known set is a uniform random subset of that size of the first M labels; known labels show
+  their true state.  M = ``num_maskable`` (0: all L labels); labels past M are always
+  unknown (CUB: the 112 concepts can be revealed, the 200 class labels never).
   """
   labels = np.asarray(labels)
   ids = np.asarray(example_ids).astype(np.uint64)[:, None]
   num_labels = labels.shape[-1]
-  upper = max_known_labels(num_labels, max_known_fraction)
-  count_u = _uniform(_TRAIN, seed, step, ids, num_labels)[:, 0]
+  maskable = num_maskable or num_labels
+  if not 0 < maskable <= num_labels:
+    raise ValueError(f"num_maskable must be in [0, {num_labels}], got {num_maskable}")
+  upper = max_known_labels(maskable, max_known_fraction)
+  count_u = _uniform(_TRAIN, seed, step, ids, maskable)[:, 0]
   num_known = np.minimum((count_u * (upper + 1)).astype(np.int64), upper)
-  scores = _uniform(_TRAIN, seed, step, ids, np.arange(num_labels, dtype=np.uint64))
-  return states_from_known(labels, _known_subset(scores, num_known))
+  scores = _uniform(_TRAIN, seed, step, ids, np.arange(maskable, dtype=np.uint64))
+  known = _known_subset(scores, num_known)
+  if maskable < num_labels:
+    known = np.concatenate([known, np.zeros((known.shape[0], num_labels - maskable), bool)], -1)
+  return states_from_known(labels, known)
 
 
 def eval_states(labels, example_ids, *, known_fraction: float, seed: int = 0) -> np.ndarray:
@@ -90,3 +98,37 @@ def eval_states(labels, example_ids, *, known_fraction: float, seed: int = 0) ->
   num_known = np.full(labels.shape[0], int(known_fraction * num_labels))
   scores = _uniform(_EVAL, seed, ids, np.arange(num_labels, dtype=np.uint64))
   return states_from_known(labels, _known_subset(scores, num_known))
+
+
+_GROUPS = 3  # stream tag of the extra-label group order
+
+
+def group_order(num_groups: int, seed: int = 0) -> np.ndarray:
+  """A seeded permutation of the concept groups: the first n are known with n groups given.
+
+  One order per seed for the whole dataset (as the reference draws its groups once per
+  dataset object), so 10 known groups are a subset of 15, and 15 of 20.
+  """
+  scores = _uniform(_GROUPS, seed, np.arange(num_groups, dtype=np.uint64))
+  return np.argsort(scores, kind="stable")
+
+
+def extra_label_states(labels, visible, *, concept_groups, num_known_groups: int,
+                       num_groups: int | None = None, seed: int = 0) -> np.ndarray:
+  """States for extra-label evaluation (CUB): whole concept groups given as known.
+
+  Every concept whose group is among the first ``num_known_groups`` of `group_order` is
+  known with its true state, except where ``visible`` is False for that image (the
+  annotator marked the attribute "not visible"). Labels after the concepts (the classes)
+  stay unknown.
+  """
+  labels = np.asarray(labels)
+  groups = np.asarray(concept_groups, np.int64)
+  num_groups = int(num_groups if num_groups is not None else groups.max() + 1)
+  if not 0 <= num_known_groups <= num_groups:
+    raise ValueError(f"num_known_groups must be in [0, {num_groups}], got {num_known_groups}")
+  chosen = group_order(num_groups, seed)[:num_known_groups]
+  known = np.zeros(labels.shape, bool)
+  k = len(groups)
+  known[:, :k] = np.isin(groups, chosen)[None] & np.asarray(visible, bool)[:, :k]
+  return states_from_known(labels, known)

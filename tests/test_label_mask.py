@@ -70,3 +70,42 @@ def test_eval_states_depend_only_on_example_and_nest_across_fractions():
 def test_eval_fraction_out_of_range_is_an_error():
   with pytest.raises(ValueError, match="known_fraction"):
     label_mask.eval_states(_labels(2, 4), [0, 1], known_fraction=1.5)
+
+
+def test_only_the_maskable_prefix_is_ever_known():
+  n, concepts, classes = 5_000, 12, 5              # CUB: concepts may be known, classes never
+  labels = _labels(n, concepts + classes)
+  states = label_mask.train_states(labels, np.arange(n), step=0, seed=0,
+                                   num_maskable=concepts)
+  assert (states[:, concepts:] == label_mask.UNKNOWN).all()
+  counts = np.sum(states[:, :concepts] != label_mask.UNKNOWN, axis=1)
+  assert counts.min() == 0 and counts.max() == 9   # floor(0.75 * 12), not of 17
+  # num_maskable=0 is the unrestricted rule, and equals num_maskable=L.
+  np.testing.assert_array_equal(
+      label_mask.train_states(labels, np.arange(n), step=0, seed=0),
+      label_mask.train_states(labels, np.arange(n), step=0, seed=0, num_maskable=17))
+  with pytest.raises(ValueError, match="num_maskable"):
+    label_mask.train_states(labels, np.arange(n), step=0, seed=0, num_maskable=18)
+
+
+def test_extra_label_states_give_whole_visible_groups_nested_by_count():
+  groups = np.array([0, 0, 1, 1, 1, 2, 3, 3])      # 8 concepts in 4 groups, then 3 classes
+  labels = _labels(50, 11, seed=3)
+  visible = np.random.default_rng(1).random((50, 11)) < 0.8
+  order = label_mask.group_order(4, seed=0)
+  assert sorted(order) == [0, 1, 2, 3]
+  known_sets = []
+  for n in range(5):
+    states = label_mask.extra_label_states(labels, visible, concept_groups=groups,
+                                           num_known_groups=n, num_groups=4, seed=0)
+    expected_known = np.isin(groups, order[:n])[None] & visible[:, :8]
+    np.testing.assert_array_equal(states[:, :8] != -1, expected_known)
+    np.testing.assert_array_equal(states[:, :8][expected_known], labels[:, :8][expected_known])
+    assert (states[:, 8:] == -1).all()
+    known_sets.append(states != -1)
+  for a, b in zip(known_sets, known_sets[1:]):
+    assert (a <= b).all()
+  assert not known_sets[0].any()
+  with pytest.raises(ValueError, match="num_known_groups"):
+    label_mask.extra_label_states(labels, visible, concept_groups=groups, num_known_groups=5,
+                                  num_groups=4)
