@@ -1,0 +1,57 @@
+"""`python -m ctran_jax.data.prepare`: lists what is missing, builds, says how to train on it."""
+
+import subprocess
+import sys
+
+import pytest
+from test_data_cub import fixture_files, write_tgz
+
+from ctran_jax.data import prepare
+
+
+def test_missing_files_are_listed_with_exit_status_2(tmp_path, capsys):
+  status = prepare.main(["cub", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert status == 2
+  assert "CUB_200_2011.tgz" in err and str(tmp_path) in err
+  assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, needed", [
+    ("coco2014", ["train2014.zip", "val2014.zip", "annotations_trainval2014.zip"]),
+    ("vg500", ["objects.json"]),
+])
+def test_each_dataset_names_its_files(tmp_path, name, needed):
+  lines = prepare.missing_files(prepare.builder_name(name), str(tmp_path))
+  text = "\n".join(lines)
+  for file in needed:
+    assert file in text
+
+
+def test_unknown_dataset_and_missing_manual_dir(tmp_path, capsys):
+  assert prepare.main(["imagenet_but_typo", "--data_dir", str(tmp_path)]) == 2
+  assert "unknown dataset 'imagenet_but_typo'" in capsys.readouterr().err
+  assert prepare.main(["cub", "--data_dir", str(tmp_path)]) == 2
+  assert "--manual_dir is required" in capsys.readouterr().err
+
+
+def test_prepares_from_the_original_archive_and_prints_the_training_flags(tmp_path, capsys):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  write_tgz(manual / "CUB_200_2011.tgz", fixture_files())
+  data_dir = tmp_path / "tfds"
+  args = ["cub", "--config", "tiny", "--manual_dir", str(manual), "--data_dir", str(data_dir)]
+  assert prepare.main(args) == 0
+  out = capsys.readouterr().out
+  assert "train 9" in out and "test 4" in out and "validation 3" in out
+  assert f"--config.data.name=ctran_cub/tiny --config.data.data_dir={data_dir}" in out
+  assert prepare.main(args) == 0                      # second call: nothing to do
+  assert "already prepared" in capsys.readouterr().out
+
+
+def test_list_runs_as_a_module():
+  out = subprocess.run([sys.executable, "-m", "ctran_jax.data.prepare", "--list"],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  for name in ("coco2014", "cub", "vg500", "folder", "voc", "demo"):
+    assert name in out.stdout
