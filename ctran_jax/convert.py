@@ -1,4 +1,4 @@
-"""Import PyTorch state dicts: torchvision ResNets and reference C-Tran checkpoints.
+"""Import PyTorch state dicts: torchvision ResNets / Inception-v3 and reference C-Tran checkpoints.
 
 The torch name of every NNX variable is derived from the module tree (module type decides
 the leaf names and the layout transform), so the same code serves a stand-alone ResNet,
@@ -9,6 +9,10 @@ CLI::
 
   python -m ctran_jax.convert ctran_coco.pth --out converted/ctran_coco
   python -m ctran_jax.convert resnet101-63fe2227.pth --out converted/r101 --backbone-only
+  python -m ctran_jax.convert inception_v3_google-0cc3c7bd.pth --out converted/inception_v3
+
+The kind of file is recognised from its keys (``label_lt.weight``: a reference C-Tran,
+``conv1.weight``: a ResNet, ``Conv2d_1a_3x3.conv.weight``: an Inception-v3).
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ctran_jax.model_store import WEIGHTS, materialize, save_model
 from ctran_jax.models.ctran import CTran, LabelwiseLinear
+from ctran_jax.models.inception import InceptionV3
 from ctran_jax.models.resnet import RESNET_SPECS, BatchNorm, ResNet
 
 REFERENCE_BACKBONE_PREFIX = "backbone.base_network."
+INCEPTION_FIRST_KEY = "Conv2d_1a_3x3.conv.weight"  # marks a torchvision-layout Inception-v3
 # Keys that torch checkpoints carry but the JAX model has no use for.
 _IGNORED = re.compile(r"(^|\.)num_batches_tracked$|(^|\.)fc\.(weight|bias)$")
 
@@ -114,10 +119,7 @@ def torch_layout(model: nnx.Module, *, reference: bool | None = None) -> dict[st
     leaves = _leaf_map(module)
     if not leaves:
       continue
-    name = ".".join(str(p) for p in path)
-    if reference:
-      for pattern, repl in _REFERENCE_RENAMES:
-        name = pattern.sub(repl, name)
+    name = _torch_name(path, reference)
     for attr, torch_leaf, to_flax, to_torch in leaves:
       shape = getattr(module, attr).shape
       key = f"{name}.{torch_leaf}" if name else torch_leaf
@@ -127,17 +129,53 @@ def torch_layout(model: nnx.Module, *, reference: bool | None = None) -> dict[st
   return layout
 
 
+def _torch_name(path: tuple, reference: bool) -> str:
+  name = ".".join(str(p) for p in path)
+  if reference:
+    for pattern, repl in _REFERENCE_RENAMES:
+      name = pattern.sub(repl, name)
+  return name
+
+
+def skipped_prefixes(model: nnx.Module, *, reference: bool | None = None) -> tuple[str, ...]:
+  """Key prefixes a checkpoint may carry for parts `model` does not have (they are skipped).
+
+  An Inception-v3 built without ``AuxLogits`` skips that head (the reference C-Tran CUB
+  model has one but its loss weight is 0); a reference CUB checkpoint also carries an
+  unused ``type_lt`` embedding. ``fc`` heads are skipped for every model (``_IGNORED``).
+  """
+  if reference is None:
+    reference = isinstance(model, CTran)
+  skipped = []
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, InceptionV3) and module.AuxLogits is None:
+      name = _torch_name(path, reference)
+      skipped.append(f"{name}.AuxLogits." if name else "AuxLogits.")
+  if reference and isinstance(model, CTran) and model.backbone_kind == "inception_v3":
+    skipped.append("type_lt.")
+  return tuple(skipped)
+
+
 def export_state_dict(model: nnx.Module, *, reference: bool | None = None) -> dict[str, np.ndarray]:
-  """The torch-layout state dict of `model` (inverse of `load_state_dict`, without ``fc``)."""
+  """The torch-layout state dict of `model` (inverse of `load_state_dict`).
+
+  Only what the model holds: no ``num_batches_tracked``, no ResNet ``fc``, no heads an
+  InceptionV3 was built without.
+  """
   weights = dict(nnx.to_flat_state(nnx.state(model, WEIGHTS)))
   return {key: np.ascontiguousarray(to_torch(np.asarray(weights[path][...])))
           for key, (path, _, _, to_torch) in torch_layout(model, reference=reference).items()}
 
 
 def check_state_dict(state_dict: Mapping[str, Any], layout: Mapping[str, tuple],
-                     what: str) -> None:
-  """Raise StateDictMismatchError naming every missing, unexpected or misshaped key."""
-  present = {k for k in state_dict if not _IGNORED.search(k)}
+                     what: str, skip: tuple[str, ...] = ()) -> None:
+  """Raise StateDictMismatchError naming every missing, unexpected or misshaped key.
+
+  Keys the model has are always checked; otherwise ``_IGNORED`` keys (torch counters,
+  ``fc`` heads) and keys under a `skip` prefix are left out.
+  """
+  present = {k for k in state_dict
+             if k in layout or not (_IGNORED.search(k) or k.startswith(skip))}
   missing = sorted(set(layout) - present)
   unexpected = sorted(present - set(layout))
   wrong = [(k, tuple(np.shape(state_dict[k])), layout[k][1])
@@ -155,10 +193,14 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   """
   state_dict = sub_state_dict(state_dict, prefix)
   layout = torch_layout(model, reference=reference)
-  check_state_dict(state_dict, layout, f"{type(model).__name__} ({_describe(model)})")
+  check_state_dict(state_dict, layout, f"{type(model).__name__} ({_describe(model)})",
+                   skipped_prefixes(model, reference=reference))
   updates = {}
   for key, (path, _, to_flax, _) in layout.items():
-    updates[path] = jnp.asarray(to_flax(np.asarray(state_dict[key], np.float32)))
+    # A contiguous host copy, then a plain transfer: ``jnp.asarray`` of a transposed view
+    # compiles a copy per distinct shape (seconds for an Inception-v3 on 2 CPU cores).
+    updates[path] = jax.device_put(np.ascontiguousarray(
+        to_flax(np.asarray(state_dict[key], np.float32))))
   state = nnx.state(model, WEIGHTS)
   for path, variable in nnx.to_flat_state(state):
     variable.set_value(updates[path])
@@ -173,7 +215,10 @@ def sub_state_dict(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]
 
 def _describe(model) -> str:
   if isinstance(model, CTran):
-    return f"num_labels={model.num_labels}, hidden={model.hidden}, layers={len(model.encoder)}"
+    text = f"num_labels={model.num_labels}, hidden={model.hidden}, layers={len(model.encoder)}"
+    return text + (", backbone=inception_v3" if model.backbone_kind == "inception_v3" else "")
+  if isinstance(model, InceptionV3):
+    return f"aux_logits={model.aux_logits}, num_classes={model.num_classes}"
   if isinstance(model, ResNet):
     return f"block={model.block}, stage_sizes={model.stage_sizes}, width={model.width}"
   return ""
@@ -215,8 +260,21 @@ def reference_options_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
   options = {"num_labels": num_labels, "hidden": hidden, "layers": layers}
   if ffn_key in state_dict:
     options["ffn_dim"] = int(np.shape(state_dict[ffn_key])[0])
-  options.update(resnet_options_from_state_dict(state_dict, REFERENCE_BACKBONE_PREFIX))
+  if REFERENCE_BACKBONE_PREFIX + INCEPTION_FIRST_KEY in state_dict:  # the CUB model
+    options["backbone"] = "inception_v3"
+  else:
+    options.update(resnet_options_from_state_dict(state_dict, REFERENCE_BACKBONE_PREFIX))
   return options
+
+
+def inception_options_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
+  """``aux_logits``/``num_classes`` of a torchvision-layout Inception-v3 (0 = head absent)."""
+  if INCEPTION_FIRST_KEY not in state_dict:
+    raise StateDictMismatchError("a torchvision-layout Inception-v3",
+                                 missing=[INCEPTION_FIRST_KEY])
+  def classes(key):
+    return int(np.shape(state_dict[key])[0]) if key in state_dict else 0
+  return {"aux_logits": classes("AuxLogits.fc.weight"), "num_classes": classes("fc.weight")}
 
 
 def _resnet_kwargs(options: dict) -> dict:
@@ -251,6 +309,25 @@ def resnet_from_torchvision(state_dict: Mapping[str, Any], *, seed: int = 0,
   model = materialize(nnx.eval_shape(lambda: ResNet(
       inferred["backbone_depth"], **_resnet_kwargs(inferred), **options,
       rngs=nnx.Rngs(seed))), seed)
+  load_state_dict(model, state_dict)
+  model.eval()
+  return model
+
+
+def inception_from_torchvision(state_dict: Mapping[str, Any], *, heads: bool = True,
+                               seed: int = 0, **options) -> InceptionV3:
+  """An InceptionV3 holding a torchvision ``inception_v3`` state dict; eval mode.
+
+  With `heads` the ``AuxLogits`` and ``fc`` heads are kept when the file has them (sizes
+  from their shapes); without, both are dropped, which is what C-Tran's backbone needs.
+  Other keyword options (bn_mode, dtype) go to ``InceptionV3``.
+  """
+  state_dict = _as_numpy(state_dict)
+  inferred = inception_options_from_state_dict(state_dict)
+  if not heads:
+    inferred = {"aux_logits": 0, "num_classes": 0}
+  model = materialize(nnx.eval_shape(lambda: InceptionV3(
+      **{**inferred, **options}, rngs=nnx.Rngs(seed))), seed)
   load_state_dict(model, state_dict)
   model.eval()
   return model
@@ -327,19 +404,28 @@ def read_state_dict(path: str, *, trust_pickle: bool = False) -> dict[str, np.nd
 # ---------------------------------------------------------------------------------------
 
 def convert_file(src: str, out: str, *, backbone_only: bool = False, heads: int = 4,
-                 trust_pickle: bool = False) -> nnx.Module:
-  """Read `src`, build the matching model, save it to `out`; returns the model."""
+                 trust_pickle: bool = False, keep_heads: bool = False) -> nnx.Module:
+  """Read `src`, build the matching model, save it to `out`; returns the model.
+
+  `keep_heads` keeps an Inception-v3's ``fc``/``AuxLogits`` (dropped by default: C-Tran
+  uses neither, and a headless model is what initialises its backbone).
+  """
   state_dict = read_state_dict(src, trust_pickle=trust_pickle)
   if "label_lt.weight" in state_dict and not backbone_only:
     model = from_reference(state_dict, heads=heads)
   else:
-    if f"{REFERENCE_BACKBONE_PREFIX}conv1.weight" in state_dict:  # a C-Tran's backbone
+    if any(f"{REFERENCE_BACKBONE_PREFIX}{k}" in state_dict
+           for k in ("conv1.weight", INCEPTION_FIRST_KEY)):  # a C-Tran's backbone
       state_dict = sub_state_dict(state_dict, REFERENCE_BACKBONE_PREFIX)
-    if "conv1.weight" not in state_dict:
+    if INCEPTION_FIRST_KEY in state_dict:
+      model = inception_from_torchvision(state_dict, heads=keep_heads)
+    elif "conv1.weight" in state_dict:
+      model = resnet_from_torchvision(state_dict)
+    else:
       raise ValueError(
           f"{src}: neither a reference C-Tran checkpoint (no 'label_lt.weight') nor a "
-          f"torchvision ResNet (no 'conv1.weight'); its first keys: {sorted(state_dict)[:5]}")
-    model = resnet_from_torchvision(state_dict)
+          f"torchvision ResNet (no 'conv1.weight') or Inception-v3 (no "
+          f"'{INCEPTION_FIRST_KEY}'); its first keys: {sorted(state_dict)[:5]}")
   save_model(model, out)
   return model
 
@@ -347,12 +433,16 @@ def convert_file(src: str, out: str, *, backbone_only: bool = False, heads: int 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m ctran_jax.convert",
-      description="Convert a PyTorch checkpoint (torchvision ResNet or reference C-Tran) "
-                  "to a ctran_jax model directory (orbax weights + model.json).")
+      description="Convert a PyTorch checkpoint (torchvision ResNet or Inception-v3, or a "
+                  "reference C-Tran) to a ctran_jax model directory (orbax weights + "
+                  "model.json). The kind of checkpoint is recognised from its keys.")
   parser.add_argument("src", help=".pth/.pt (needs torch), .npz or .safetensors state dict")
   parser.add_argument("--out", required=True, help="output directory (must not hold a model)")
   parser.add_argument("--backbone-only", action="store_true",
-                      help="keep only the ResNet (a torchvision file, or a C-Tran's backbone)")
+                      help="keep only the backbone (a torchvision file, or a C-Tran's backbone)")
+  parser.add_argument("--keep-heads", action="store_true",
+                      help="keep an Inception-v3's fc and AuxLogits heads (dropped by default: "
+                           "C-Tran uses neither)")
   parser.add_argument("--heads", type=int, default=4,
                       help="attention heads of a C-Tran checkpoint (not stored in it; default 4)")
   parser.add_argument("--trust-pickle", action="store_true",
@@ -360,7 +450,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     model = convert_file(args.src, args.out, backbone_only=args.backbone_only, heads=args.heads,
-                         trust_pickle=args.trust_pickle)
+                         trust_pickle=args.trust_pickle, keep_heads=args.keep_heads)
   except (FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

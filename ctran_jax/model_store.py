@@ -11,11 +11,12 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from ctran_jax.models.ctran import CTran
+from ctran_jax.models.inception import InceptionV3
 from ctran_jax.models.resnet import ResNet
 
 WEIGHTS = (nnx.Param, nnx.BatchStat)  # what checkpoints hold; RNG state is not weights
@@ -36,7 +37,9 @@ def materialize(abstract_model: nnx.Module, seed: int = 0) -> nnx.Module:
       return leaf
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       return jax.random.fold_in(base, next(counter))
-    return jnp.zeros(leaf.shape, leaf.dtype)
+    # Host zeros, then one transfer: ``jnp.zeros`` would compile a fill per distinct shape
+    # (seconds for the ~300 shapes of an Inception-v3 on 2 CPU cores).
+    return jax.device_put(np.zeros(leaf.shape, leaf.dtype))
 
   return nnx.merge(graphdef, jax.tree.map(fill, state))
 
@@ -49,30 +52,42 @@ def model_config(model: nnx.Module) -> dict:
   if isinstance(model, ResNet):
     return {"kind": "resnet", "depth": model.depth, "width": model.width,
             "stage_sizes": list(model.stage_sizes), "block": model.block}
+  if isinstance(model, InceptionV3):
+    return {"kind": "inception_v3", "aux_logits": model.aux_logits,
+            "num_classes": model.num_classes}
   if isinstance(model, CTran):
     bb, layer = model.backbone, model.encoder[0]
-    return {"kind": "ctran", "num_labels": model.num_labels, "hidden": model.hidden,
-            "heads": layer.heads, "layers": len(model.encoder),
-            "ffn_dim": layer.linear1.out_features, "dropout": layer.dropout1.rate,
-            "use_lmt": model.use_lmt, "pos_emb": model.pos_emb,
-            "image_tokens": model.image_tokens, "backbone_depth": bb.depth,
-            "backbone_width": bb.width, "backbone_stage_sizes": list(bb.stage_sizes),
-            "backbone_block": bb.block}
+    config = {"kind": "ctran", "num_labels": model.num_labels, "hidden": model.hidden,
+              "heads": layer.heads, "layers": len(model.encoder),
+              "ffn_dim": layer.linear1.out_features, "dropout": layer.dropout1.rate,
+              "use_lmt": model.use_lmt, "pos_emb": model.pos_emb,
+              "image_tokens": model.image_tokens, "backbone": model.backbone_kind}
+    if model.backbone_kind == "resnet":  # an old model.json without "backbone" means this
+      config.update({"backbone_depth": bb.depth, "backbone_width": bb.width,
+                     "backbone_stage_sizes": list(bb.stage_sizes), "backbone_block": bb.block})
+    return config
   raise TypeError(f"cannot describe a {type(model).__name__}")
+
+
+# kind -> (class, name of the config entry passed positionally, if any)
+_KINDS = {"resnet": (ResNet, "depth"), "inception_v3": (InceptionV3, None),
+          "ctran": (CTran, "num_labels")}
+
+
+def _constructor(config: dict, seed: int):
+  """A zero-argument function that builds the model `config` describes."""
+  config = dict(config)
+  kind = config.pop("kind")
+  if kind not in _KINDS:
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(_KINDS)}")
+  cls, positional = _KINDS[kind]
+  args = (config.pop(positional),) if positional else ()
+  return lambda: cls(*args, **config, rngs=nnx.Rngs(seed))
 
 
 def build_model(config: dict, *, seed: int = 0, **overrides):
   """Rebuild a model from `model_config` output (+ overrides such as dtype or bn_mode)."""
-  config = {**config, **overrides}
-  kind = config.pop("kind")
-  if kind == "resnet":
-    depth = config.pop("depth")
-    make = lambda: ResNet(depth, **config, rngs=nnx.Rngs(seed))  # noqa: E731
-  elif kind == "ctran":
-    num_labels = config.pop("num_labels")
-    make = lambda: CTran(num_labels, **config, rngs=nnx.Rngs(seed))  # noqa: E731
-  else:
-    raise ValueError(f"unknown model kind {kind!r}")
+  make = _constructor({**config, **overrides}, seed)
   return materialize(nnx.eval_shape(make), seed)
 
 
@@ -129,9 +144,6 @@ def init_model(config: dict, *, seed: int = 0, **overrides) -> nnx.Module:
   """
   abstract = build_model(config, seed=seed, **overrides)
   graphdef, _ = nnx.split(abstract)
-  config = {**config, **overrides}
-  kind = config.pop("kind")
-  cls = {"resnet": ResNet, "ctran": CTran}[kind]
-  first = config.pop("depth" if kind == "resnet" else "num_labels")
-  state = jax.jit(lambda: nnx.state(cls(first, **config, rngs=nnx.Rngs(seed))))()
+  make = _constructor({**config, **overrides}, seed)
+  state = jax.jit(lambda: nnx.state(make()))()
   return nnx.merge(graphdef, state)

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ctran_jax.models.inception import InceptionV3
 from ctran_jax.models.resnet import ResNet
 from ctran_jax.models.transformer import EncoderLayer, layer_norm, linear, uniform_init
 from ctran_jax.numerics import at_least_float32
 
 UNKNOWN, NEGATIVE, POSITIVE = -1, 0, 1
+BACKBONES = ("resnet", "inception_v3")
 
 
 def sincos_position_embedding_2d(height: int, width: int, dim: int) -> np.ndarray:
@@ -61,6 +63,10 @@ class CTran(nnx.Module):
 
   Args:
     num_labels: L, the number of label tokens / logits.
+    backbone: "resnet" (the reference's CTranModel) or "inception_v3" (its CUB model:
+      Mixed_7c, 8x8 = 64 image tokens at 299x299, and Dropout(``dropout``) on the feature
+      map in training as the reference applies; no aux logits since the reference's aux
+      loss weight is 0). The ``backbone_*`` arguments only apply to "resnet".
     backbone_depth: torchvision ResNet depth (18/34/50/101/152).
     backbone_width, backbone_stage_sizes, backbone_block: tiny-backbone overrides.
     hidden: token width (2048 in the reference); a linear projection is added when the
@@ -73,7 +79,8 @@ class CTran(nnx.Module):
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
   """
 
-  def __init__(self, num_labels: int, *, backbone_depth: int = 101, backbone_width: int = 64,
+  def __init__(self, num_labels: int, *, backbone: str = "resnet", backbone_depth: int = 101,
+               backbone_width: int = 64,
                backbone_stage_sizes=None, backbone_block=None, hidden: int = 2048,
                heads: int = 4, layers: int = 3, ffn_dim: int | None = None,
                dropout: float = 0.1, use_lmt: bool = True, pos_emb: bool = False,
@@ -83,12 +90,18 @@ class CTran(nnx.Module):
       raise ValueError(f"num_labels must be positive, got {num_labels}")
     if layers < 1:
       raise ValueError(f"layers must be positive, got {layers}")
+    if backbone not in BACKBONES:
+      raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     self.num_labels, self.hidden = num_labels, hidden
     self.use_lmt, self.pos_emb, self.image_tokens = use_lmt, pos_emb, image_tokens
     self.dtype = dtype
-    self.backbone = ResNet(backbone_depth, width=backbone_width,
-                           stage_sizes=backbone_stage_sizes, block=backbone_block,
-                           bn_mode=bn_mode, dtype=dtype, rngs=rngs)
+    self.backbone_kind = backbone
+    if backbone == "inception_v3":
+      self.backbone = InceptionV3(bn_mode=bn_mode, dtype=dtype, rngs=rngs)
+    else:
+      self.backbone = ResNet(backbone_depth, width=backbone_width,
+                             stage_sizes=backbone_stage_sizes, block=backbone_block,
+                             bn_mode=bn_mode, dtype=dtype, rngs=rngs)
     channels = self.backbone.num_features
     self.projection = (linear(channels, hidden, dtype=dtype, rngs=rngs)
                        if channels != hidden else None)
@@ -100,6 +113,9 @@ class CTran(nnx.Module):
         EncoderLayer(hidden, heads, ffn_dim or hidden, dropout, dtype=dtype, rngs=rngs)
         for _ in range(layers)])
     self.head = LabelwiseLinear(num_labels, hidden, rngs=rngs)
+    # The reference's CUB model drops out Inception features; its ResNet model does not.
+    self.feature_dropout = (nnx.Dropout(dropout, rngs=rngs) if backbone == "inception_v3"
+                            else None)
 
   def set_view(self, use_lmt: bool | None = None, image_tokens: bool | None = None,
                pos_emb: bool | None = None):
@@ -146,6 +162,8 @@ class CTran(nnx.Module):
     parts = []
     if self.image_tokens:
       image = feature_map.reshape(b, h * w, feature_map.shape[-1]).astype(self.dtype)
+      if self.feature_dropout is not None:
+        image = self.feature_dropout(image)
       if self.projection is not None:
         image = self.projection(image)
       if self.pos_emb:
