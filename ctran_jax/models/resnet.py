@@ -187,6 +187,7 @@ class ResNet(nnx.Module):
         cin = stage_width * block_cls.expansion
       setattr(self, f"layer{stage + 1}", nnx.List(blocks))
     self.num_features = cin
+    self.remat = False  # see `set_remat`: recompute each residual block in backward
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images.astype(self.dtype)
@@ -194,5 +195,11 @@ class ResNet(nnx.Module):
     x = max_pool_3x3_s2(x)
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
-        x = block(x)
+        x = _remat_block(block, x) if self.remat else block(x)
     return x
+
+
+@nnx.remat(graph=True, graph_updates=True)
+def _remat_block(block: nnx.Module, x: jax.Array) -> jax.Array:
+  """A residual block under ``jax.checkpoint``: only its input is kept for backward."""
+  return block(x)

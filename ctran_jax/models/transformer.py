@@ -62,9 +62,15 @@ class EncoderLayer(nnx.Module):
     self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
     self.ffn_dropout = nnx.Dropout(dropout, rngs=rngs)
     self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+    self.remat = False  # see `set_remat`: recompute this layer's activations in backward
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x: (B, S, D) -> (output (B, S, D), attention probabilities averaged over heads (B, S, S))."""
+    if self.remat:
+      return _remat_layer(self, x)
+    return self.forward(x)
+
+  def forward(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     b, s, d = x.shape
     head_dim = d // self.heads
     q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
@@ -77,3 +83,9 @@ class EncoderLayer(nnx.Module):
     ffn = self.linear2(self.ffn_dropout(nnx.relu(self.linear1(x))))
     x = self.norm2(x + self.dropout2(ffn))
     return x, attention
+
+
+@nnx.remat(graph=True, graph_updates=True)
+def _remat_layer(layer: EncoderLayer, x: jax.Array):
+  """The layer under ``jax.checkpoint``: only its input is kept for the backward pass."""
+  return layer.forward(x)
