@@ -269,6 +269,7 @@ class InceptionV3(nnx.Module):
     self.fc = (nnx.Linear(NUM_FEATURES, num_classes, dtype=dtype, param_dtype=jnp.float32,
                           kernel_init=_truncated_normal(0.1), bias_init=_uniform(bound),
                           rngs=rngs) if num_classes else None)
+    self.remat = False  # see models.remat.set_remat: recompute each Mixed block in backward
 
   def __call__(self, images: jax.Array, *, return_aux: bool = False):
     """The Mixed_7c map; with `return_aux`, (map, aux logits (B, aux_logits) float32)."""
@@ -283,12 +284,13 @@ class InceptionV3(nnx.Module):
     x = max_pool_3x3_s2(x)
     x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
     x = max_pool_3x3_s2(x)
+    run = _remat_block if self.remat else (lambda block, x: block(x))
     for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
                   self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
-      x = block(x)
+      x = run(block, x)
     aux = self.AuxLogits(x) if return_aux else None
     for block in (self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
-      x = block(x)
+      x = run(block, x)
     return (x, aux) if return_aux else x
 
   def classify(self, feature_map: jax.Array) -> jax.Array:
@@ -297,3 +299,9 @@ class InceptionV3(nnx.Module):
       raise ValueError("this InceptionV3 has no fc head; build it with num_classes > 0")
     pooled = jnp.mean(at_least_float32(feature_map), axis=(1, 2)).astype(self.dtype)
     return at_least_float32(self.fc(pooled))
+
+
+@nnx.remat(graph=True, graph_updates=True)
+def _remat_block(block: nnx.Module, x: jax.Array) -> jax.Array:
+  """A Mixed block under ``jax.checkpoint``: only its input is kept for backward."""
+  return block(x)
