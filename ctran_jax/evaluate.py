@@ -18,6 +18,13 @@ Report layout (``eval/results.json``, written by process 0)::
 Keys of ``known`` are the known percentages; metric values are fractions (0..1); ``loss`` is
 the reference's validation loss (summed BCE over unknown entries / examples). Every
 evaluation is also appended to ``eval/history.jsonl`` and written to TensorBoard.
+
+Extra-label evaluation (CUB): for each n in ``config.eval.known_groups`` all concepts of n
+concept groups (a seeded choice, nested across n; `label_mask.extra_label_states`) are
+given as known, except those marked not visible in the image; the split's report then also
+has ``"known_groups": {"0": {..., "class_acc", "concept_acc", "known_concepts"}, "10": ...}``
+where ``known_concepts`` is the mean fraction of concepts given. On datasets with concepts
+every metrics dict also has ``class_acc`` and ``concept_acc``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from tensorflow.io import gfile
 
 from ctran_jax import label_mask, metrics, sharding
 from ctran_jax.data import pipeline
@@ -74,6 +82,17 @@ class Evaluator:
   def __init__(self, graphdef, config, mesh, num_labels: int):
     self.config, self.mesh, self.num_labels = config, mesh, num_labels
     self.fractions = tuple(config.eval.known_fractions)
+    self.meta = pipeline.dataset_meta(config.data)
+    self.groups = tuple(config.eval.get("known_groups", ()))
+    if self.groups and not (self.meta.concept_groups and self.meta.has_label_visible):
+      raise ValueError(f"config.eval.known_groups={self.groups} needs a dataset with concept "
+                       f"groups and 'label_visible' (such as ctran_cub); {self.meta.name} "
+                       "has none")
+    num_groups = len(self.meta.group_names) or (max(self.meta.concept_groups, default=-1) + 1)
+    if any(not 0 <= n <= num_groups for n in self.groups):
+      raise ValueError(f"config.eval.known_groups={self.groups}; {self.meta.name} has "
+                       f"{num_groups} concept groups")
+    self.num_groups = num_groups
     self.local_batch = sharding.local_batch_size(config.eval.batch_size, mesh)
     self.predict = jax.jit(make_predict_step(graphdef),
                            out_shardings=sharding.replicated(mesh))
@@ -91,7 +110,11 @@ class Evaluator:
     for i, local in enumerate(batches):
       states = np.stack([
           label_mask.eval_states(local["labels"], local["example_id"], known_fraction=f,
-                                 seed=self.config.eval.seed) for f in self.fractions], axis=1)
+                                 seed=self.config.eval.seed) for f in self.fractions] + [
+          label_mask.extra_label_states(
+              local["labels"], local["label_visible"], concept_groups=self.meta.concept_groups,
+              num_known_groups=n, num_groups=self.num_groups, seed=self.config.eval.seed)
+          for n in self.groups], axis=1)
       batch = sharding.global_batch({"image": local["image"], "labels": local["labels"],
                                      "states": states, "valid": local["valid"]}, self.mesh)
       parts.append(jax.device_get(self.predict(state["params"], state["batch_stats"],
@@ -108,41 +131,76 @@ class Evaluator:
             "labels": out["labels"][valid]}
 
   def run(self, state, rng_state, split: str) -> dict:
-    """{"num_examples": N, "known": {percent: metrics + loss}} for one split."""
+    """{"num_examples": N, "known": {percent: metrics + loss}} for one split
+    (+ "known_groups": {n: ...} for extra-label evaluation)."""
     pred = self.predictions(state, rng_state, split)
     report = {"num_examples": int(pred["labels"].shape[0]), "known": {}}
-    for f, logits, states in zip(self.fractions, pred["logits"], pred["states"], strict=True):
+    concepts = self.meta.num_concepts or None
+    sets = [("known", fraction_key(f)) for f in self.fractions]
+    sets += [("known_groups", str(n)) for n in self.groups]
+    for (section, key), logits, states in zip(sets, pred["logits"], pred["states"],
+                                              strict=True):
+      any_known = bool(np.any(states != label_mask.UNKNOWN))
       values = metrics.compute_metrics(metrics.sigmoid(logits), pred["labels"],
-                                       states if f > 0 else None)
+                                       states if any_known else None, num_concepts=concepts)
       values["loss"] = bce_loss_per_example(logits, pred["labels"], states)
-      report["known"][fraction_key(f)] = values
+      if section == "known_groups":
+        values["known_concepts"] = float(np.mean(states[:, :concepts] != label_mask.UNKNOWN))
+      report.setdefault(section, {})[key] = values
     return report
 
 
+def selection_value(report: dict, config) -> float:
+  """The number model selection maximises: ``config.eval.selection_metric`` (default mAP)
+  at the first known fraction (regular inference when it is 0)."""
+  first = report["known"][fraction_key(config.eval.known_fractions[0])]
+  return first[config.eval.get("selection_metric", "mAP")]
+
+
 def table(report: dict) -> str:
-  """The paper-style table of one split's report (one column per known fraction)."""
+  """The paper-style table of one split's report (one column per known fraction/groups)."""
   columns = {f"known {k}%": {m: x for m, x in v.items() if m != "loss"}
              for k, v in report["known"].items()}
   losses = "  ".join(f"{k}%: {v['loss']:.4f}" for k, v in report["known"].items())
-  return (metrics.format_table(columns)
+  text = (metrics.format_table(columns)
           + f"\nloss (summed BCE on unknown labels / example)  {losses}")
+  groups = report.get("known_groups")
+  if groups:
+    lines = ["extra labels: concept groups known  class acc  concept acc  concepts known"]
+    lines += [f"  {k:>33s}  {v['class_acc'] * 100:9.1f}  {v['concept_acc'] * 100:11.1f}  "
+              f"{v['known_concepts'] * 100:13.1f}%" for k, v in groups.items()]
+    text += "\n" + "\n".join(lines)
+  return text
 
 
 def log_report(writer, report: dict, *, step: int, split: str) -> None:
   """TensorBoard scalars ``<split>/known<percent>/<metric>`` and a one-line log."""
   scalars = {f"{split}/known{k}/{name}": v for k, values in report["known"].items()
              for name, v in values.items()}
+  scalars.update({f"{split}/groups{k}/{name}": v
+                  for k, values in report.get("known_groups", {}).items()
+                  for name, v in values.items()})
   writer.write_scalars(step, scalars)
   summary = "  ".join(f"known {k}%: mAP {v['mAP']:.4f}" for k, v in report["known"].items())
+  summary += "".join(f"  {k} groups: class acc {v['class_acc']:.4f}"
+                     for k, v in report.get("known_groups", {}).items())
   logging.info("eval %s @ %d (%d examples)  %s", split, step, report["num_examples"], summary)
 
 
 def append_history(workdir: str, report: dict, *, step: int, split: str) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  with open(os.path.join(workdir, "eval", "history.jsonl"), "a") as f:
-    f.write(json.dumps({"step": step, "split": split, **report}) + "\n")
+  # gfile, so that gs:// workdirs work (GCS has no append: read, extend, rewrite).
+  path = os.path.join(workdir, "eval", "history.jsonl")
+  gfile.makedirs(os.path.dirname(path))
+  line = json.dumps({"step": step, "split": split, **report}) + "\n"
+  if "://" in path:
+    previous = gfile.GFile(path).read() if gfile.exists(path) else ""
+    with gfile.GFile(path, "w") as f:
+      f.write(previous + line)
+  else:
+    with open(path, "a") as f:
+      f.write(line)
 
 
 def write_results(workdir: str, reports: dict[str, dict], *, step: int, checkpoint: str,
@@ -151,11 +209,11 @@ def write_results(workdir: str, reports: dict[str, dict], *, step: int, checkpoi
   path = os.path.join(workdir, "eval", "results.json")
   if jax.process_index() != 0:
     return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  gfile.makedirs(os.path.dirname(path))
   doc = {"format": FORMAT, "dataset": meta.name, "num_labels": meta.num_labels,
          "label_names": list(meta.label_names), "step": step, "checkpoint": checkpoint,
          "splits": reports}
-  with open(path + ".tmp", "w") as f:
+  with gfile.GFile(path + ".tmp", "w") as f:
     json.dump(doc, f, indent=1)
-  os.replace(path + ".tmp", path)
+  gfile.rename(path + ".tmp", path, overwrite=True)
   return path

@@ -127,7 +127,8 @@ def test_dataset_without_multi_hot_labels_is_refused(tmp_path):
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"manual_multilabel.*download_and_prepare"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"(?s)manual_multilabel.*ctran_jax.data.prepare manual_multilabel"):
     dataset_meta(default_data_config(name="manual_multilabel", data_dir=str(tmp_path)))
 
 

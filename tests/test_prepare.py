@@ -55,3 +55,21 @@ def test_list_runs_as_a_module():
   assert out.returncode == 0, out.stderr
   for name in ("coco2014", "cub", "vg500", "folder", "voc", "demo"):
     assert name in out.stdout
+
+
+def test_prepares_a_folder_dataset_with_builder_options(tmp_path, capsys):
+  import tensorflow as tf
+  manual = tmp_path / "mine"
+  (manual / "images").mkdir(parents=True)
+  rows = []
+  for i in range(6):
+    pixels = tf.cast(tf.fill((8, 8, 3), 30 * i), tf.uint8)
+    (manual / "images" / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(pixels).numpy())
+    rows.append(f"{i}.jpg,{'cat' if i % 2 else 'dog'};sky,{'train' if i < 4 else 'test'}")
+  (manual / "labels.csv").write_text("\n".join(rows) + "\n")
+  data_dir = tmp_path / "tfds"
+  status = prepare.main(["folder", "--manual_dir", str(manual), "--data_dir", str(data_dir),
+                         "--builder_arg", "on_bad_image=skip"])
+  out = capsys.readouterr().out
+  assert status == 0, out
+  assert "ctran_folder: 3 labels; splits: test 2, train 4" in out

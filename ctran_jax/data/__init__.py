@@ -1,6 +1,11 @@
-"""Input data: the generated ``ctran_demo`` TFDS dataset and tf.data pipelines over TFDS."""
+"""Input data: TFDS builders (importing this package registers them) and tf.data pipelines.
 
-from ctran_jax.data import demo
+Builders: ``ctran_demo`` (generated), ``ctran_coco2014``, ``ctran_cub``, ``ctran_vg500``,
+``ctran_folder``; adapters for the builtin TFDS ``coco/2014`` and ``voc/2007``.
+Prepare real datasets with ``python -m ctran_jax.data.prepare NAME``.
+"""
+
+from ctran_jax.data import coco, cub, demo, folder, vg, voc
 from ctran_jax.data.pipeline import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -12,5 +17,6 @@ from ctran_jax.data.pipeline import (
     train_dataset,
 )
 
-__all__ = ["demo", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetMeta", "dataset_meta",
-           "default_data_config", "eval_dataset", "num_eval_batches", "train_dataset"]
+__all__ = ["coco", "cub", "demo", "folder", "vg", "voc", "IMAGENET_MEAN", "IMAGENET_STD",
+           "DatasetMeta", "dataset_meta", "default_data_config", "eval_dataset",
+           "num_eval_batches", "train_dataset"]

@@ -14,8 +14,14 @@ throughput that a tiny model on two CPU cores never waits.  Hence:
   size, shuffle or process count.
 
 Any TFDS builder with an ``image`` feature and a multi-hot ``labels`` (L,) tensor works;
-``info.metadata["label_names"]`` is used when present.  Builders that declare
-``GENERATED = True`` (``ctran_demo``) are built on first use.
+``info.metadata["label_names"]`` is used when present.  Builtin TFDS datasets with other
+features (``coco/2014``, ``voc/2007``) are read through an adapter (`adapters`).  ``name``
+may also be the directory of a prepared TFDS dataset (``.../ctran_folder/mine/1.0.0``,
+``gs://...``), read with ``tfds.builder_from_directory``.  Builders that declare
+``GENERATED = True`` (``ctran_demo``) are built on first use.  A builder may provide
+``label_visible`` (L,) bool (CUB: concepts marked "not visible" in the image), which eval
+batches carry for extra-label evaluation; its metadata ``num_concepts``,
+``concept_groups`` and ``group_names`` describe CUB-style concept groups.
 
 Data config fields (see ``default_data_config``):
   name: TFDS name, optionally with config/version (``ctran_demo``, ``ctran_demo/tiny``).
@@ -31,6 +37,12 @@ Data config fields (see ``default_data_config``):
   shuffle_buffer: examples in the shuffle buffer (>= split size gives a full permutation).
   prefetch: batches prefetched.
   cache: keep decoded images in memory (good for small datasets such as the demo).
+  resize_on_device: "ctran" transform only: train batches carry the decoded crop (uint8, in
+    a ``canvas_size`` square) + its size + flip, and the train step resizes, mirrors and
+    normalises on the accelerator (`ctran_jax.augment`): the host then only decodes.
+  transform: "ctran" (the reference's COCO/VOC/VG transforms above) or "cub" (the reference's
+    CUB transforms: train colour jitter -> random-resized crop to image_size -> flip; test
+    centre crop of image_size without resizing, zero padding smaller images).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from collections.abc import Iterator
 
 import ml_collections
@@ -46,7 +59,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ctran_jax.data import demo  # noqa: F401  (registers ctran_demo with TFDS)
+from ctran_jax.data import (
+  adapters,
+  demo,  # noqa: F401  (registers ctran_demo with TFDS)
+)
 
 try:  # TF only feeds the host; the accelerators belong to JAX.
   tf.config.set_visible_devices([], "GPU")
@@ -66,7 +82,8 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
       train_split="train", eval_split="validation", test_split="test",
       image_size=64, scale_size=72, crop_sizes=(72, 64, 56), flip=True,
       mean=IMAGENET_MEAN, std=IMAGENET_STD,
-      shuffle_buffer=10_000, prefetch=2, cache=True))
+      shuffle_buffer=10_000, prefetch=2, cache=True, transform="ctran",
+      resize_on_device=False))
   for key, value in overrides.items():
     if key not in config:
       raise KeyError(f"unknown data config field {key!r}; fields: {sorted(config)}")
@@ -74,12 +91,24 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
+TRANSFORMS = ("ctran", "cub")
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetMeta:
+  """What the trainer needs to know about a dataset before reading it.
+
+  num_concepts / concept_groups / group_names: CUB-style datasets whose first
+  ``num_concepts`` labels are concepts in groups (0 / () elsewhere).
+  """
   name: str
   num_labels: int
   label_names: tuple[str, ...]
   split_sizes: dict[str, int]
+  num_concepts: int = 0
+  concept_groups: tuple[int, ...] = ()
+  group_names: tuple[str, ...] = ()
+  has_label_visible: bool = False
 
 
 # ----------------------------------------------------------------------------- builders
@@ -91,8 +120,18 @@ def ctran_datasets() -> list[str]:
                 if n.startswith("ctran_"))
 
 
+def _is_directory_name(name: str) -> bool:
+  return "://" in name or name.startswith((os.sep, ".")) or os.path.isdir(name)
+
+
 @functools.lru_cache(maxsize=16)
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  if _is_directory_name(name):
+    if not tf.io.gfile.exists(os.path.join(name, "dataset_info.json")):
+      raise FileNotFoundError(f"data.name={name!r} looks like a directory but holds no "
+                              "prepared TFDS dataset (no dataset_info.json); give the "
+                              "version directory, e.g. <data_dir>/ctran_folder/<config>/1.0.0")
+    return tfds.builder_from_directory(name)
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -106,20 +145,22 @@ def prepared_builder(data_config) -> tfds.core.DatasetBuilder:
   name, data_dir = data_config.name, data_config.get("data_dir")
   builder = _builder(name, data_dir)
   features = builder.info.features
-  for key in ("image", "labels"):
+  needed = ("image",) if adapters.adapter_for(builder) else ("image", "labels")
+  for key in needed:
     if key not in features:
       raise ValueError(f"dataset {name!r} has no {key!r} feature (has {sorted(features)}); "
-                       "the pipeline needs 'image' and multi-hot 'labels' (L,)")
+                       "the pipeline needs 'image' and multi-hot 'labels' (L,) (or an "
+                       f"adapter: registered for {adapters.registered()})")
   if not builder.is_prepared():
     if getattr(builder, "GENERATED", False) or data_config.get("prepare", False):
       builder.download_and_prepare()
     else:
       raise FileNotFoundError(
           f"dataset {name!r} is not prepared in {builder.data_dir!r}. Prepare it once with\n"
-          f"  python -c \"import tensorflow_datasets as tfds; import ctran_jax.data; "
-          f"tfds.builder('{name}', data_dir={data_dir!r}).download_and_prepare()\"\n"
-          "(or set data.prepare=True); manually downloaded archives go in "
-          "<data_dir>/downloads/manual.")
+          f"  python -m ctran_jax.data.prepare {name} --manual_dir=<folder with the original "
+          f"files> --data_dir={data_dir or '~/tensorflow_datasets'}\n"
+          "(`python -m ctran_jax.data.prepare --help` lists the datasets and the files each "
+          "needs; data.prepare=True builds on first use instead).")
   return builder
 
 
@@ -130,12 +171,30 @@ def dataset_meta(data_config) -> DatasetMeta:
   """
   builder = prepared_builder(data_config)
   info = builder.info
-  num_labels = int(info.features["labels"].shape[0])
-  names = tuple(info.metadata.get("label_names", ())) if info.metadata else ()
+  metadata = dict(info.metadata or {})
+  adapter = adapters.adapter_for(builder)
+  if adapter:
+    num_labels, names = adapter.num_labels, adapter.label_names
+  else:
+    num_labels = int(info.features["labels"].shape[0])
+    names = tuple(metadata.get("label_names", ()))
   if len(names) != num_labels:
     names = tuple(f"label_{i}" for i in range(num_labels))
+  split_sizes = {k: int(v.num_examples) for k, v in info.splits.items()}
+  for split in (data_config.get("train_split"), data_config.get("eval_split"),
+                data_config.get("test_split")):
+    if split and split not in split_sizes:  # expressions: "train+validation", "train[:90%]"
+      try:
+        split_sizes[split] = int(info.splits[split].num_examples)
+      except (KeyError, ValueError) as e:
+        raise ValueError(f"dataset {data_config.name!r} has no split {split!r} (splits: "
+                         f"{sorted(info.splits)}): {e}") from None
   return DatasetMeta(name=data_config.name, num_labels=num_labels, label_names=names,
-                     split_sizes={k: int(v.num_examples) for k, v in info.splits.items()})
+                     split_sizes=split_sizes,
+                     num_concepts=int(metadata.get("num_concepts", 0)),
+                     concept_groups=tuple(int(g) for g in metadata.get("concept_groups", ())),
+                     group_names=tuple(metadata.get("group_names", ())),
+                     has_label_visible="label_visible" in info.features)
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -143,12 +202,18 @@ def dataset_meta(data_config) -> DatasetMeta:
 
 def check_transform(data_config) -> None:
   """Raises ValueError on image/crop sizes or statistics that cannot work together."""
+  transform = data_config.get("transform", "ctran")
+  if transform not in TRANSFORMS:
+    raise ValueError(f"data.transform={transform!r}; expected one of {TRANSFORMS}")
   s, scale = data_config.image_size, data_config.scale_size
   crops = tuple(data_config.crop_sizes)
-  if not 0 < s <= scale:
+  if transform == "cub":
+    if s <= 0:
+      raise ValueError(f"need image_size > 0, got {s}")
+  elif not 0 < s <= scale:
     raise ValueError(f"need 0 < image_size <= scale_size (the eval centre crop), "
                      f"got image_size={s}, scale_size={scale}")
-  if not crops or not all(0 < c <= scale for c in crops):
+  if transform == "ctran" and (not crops or not all(0 < c <= scale for c in crops)):
     raise ValueError(f"crop_sizes must be non-empty and in (0, scale_size={scale}], got {crops}")
   if len(data_config.mean) != 3 or len(data_config.std) != 3 or min(data_config.std) <= 0:
     raise ValueError(f"mean/std need 3 channels and std > 0, got {data_config.mean}, "
@@ -156,9 +221,10 @@ def check_transform(data_config) -> None:
 
 
 def _normalise(image: tf.Tensor, data_config) -> tf.Tensor:
-  mean = tf.constant(data_config.mean, tf.float32)
-  std = tf.constant(data_config.std, tf.float32)
-  return (image / 255.0 - mean) / std
+  """(image / 255 - mean) / std as one multiply-add (a hot loop: ~1M values per image)."""
+  mean = np.asarray(data_config.mean, np.float32)
+  std = np.asarray(data_config.std, np.float32)
+  return tf.cast(image, tf.float32) * (1.0 / (255.0 * std)) + (-mean / std)
 
 
 def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -172,44 +238,107 @@ def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
                  lambda: tf.image.resize(image, (size, size)))
 
 
-def random_crop_box(seed, data_config) -> tf.Tensor:
-  """Train crop of the ``scale_size`` image as a ``crop_and_resize`` box, x-swapped to flip.
+def random_crop(seed, data_config):
+  """The reference's train crop, in ``scale_size`` coordinates: (size, top, left, flip).
 
-  A square of a size drawn from ``crop_sizes`` at a uniform position; the box is for the
-  image padded by one edge pixel (see ``crop_resize_flip``).
+  A square of a size drawn uniformly from ``crop_sizes`` at a uniform integer position of
+  the ``scale_size`` x ``scale_size`` resized image, and a fair coin for the mirror.
   """
-  scale, size = data_config.scale_size, data_config.image_size
+  scale = data_config.scale_size
   seeds = tf.random.experimental.stateless_split(seed, num=4)
-  crops = tf.constant(tuple(data_config.crop_sizes), tf.int32)
-  crop = crops[tf.random.stateless_uniform([], seeds[0], 0, len(crops), tf.int32)]
+  sizes = tuple(data_config.crop_sizes)
+  crops = tf.constant(sizes, tf.int32)
+  crop = crops[tf.random.stateless_uniform([], seeds[0], 0, len(sizes), tf.int32)]
   top = tf.random.stateless_uniform([], seeds[1], 0, scale - crop + 1, tf.int32)
   left = tf.random.stateless_uniform([], seeds[2], 0, scale - crop + 1, tf.int32)
-  crop, top, left = (tf.cast(v, tf.float32) for v in (crop, top, left))
-  # Sample points of a half-pixel-centre resize of the crop: top + (i + 0.5) * crop/size
-  # - 0.5, i < size, shifted by the one-pixel pad, in units of (padded side - 1).
-  step, extent = crop / size, scale + 1.0
-  y1 = (top + 1.0 + 0.5 * step - 0.5) / extent
-  x1 = (left + 1.0 + 0.5 * step - 0.5) / extent
-  span = (size - 1) * step / extent
-  x2 = x1 + span
-  if data_config.flip:
-    flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
-    x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
-  return tf.stack([y1, x1, y1 + span, x2])
+  flip = (tf.random.stateless_uniform([], seeds[3]) < 0.5) & data_config.flip
+  return crop, top, left, flip
 
 
-def crop_resize_flip(images, boxes, data_config) -> tf.Tensor:
-  """A batch of ``scale_size`` images → crops resized to image_size (bilinear) → normalised.
+def _crop_window(shape, crop, top, left, scale):
+  """The crop of the scaled image as an integer window [y, x, h, w] of the original image."""
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  fy, fx = h / scale, w / scale
+  y0 = tf.cast(tf.round(tf.cast(top, tf.float32) * fy), tf.int32)
+  x0 = tf.cast(tf.round(tf.cast(left, tf.float32) * fx), tf.int32)
+  y1 = tf.cast(tf.round(tf.cast(top + crop, tf.float32) * fy), tf.int32)
+  x1 = tf.cast(tf.round(tf.cast(left + crop, tf.float32) * fx), tf.int32)
+  y0, x0 = tf.minimum(y0, shape[0] - 1), tf.minimum(x0, shape[1] - 1)
+  return tf.stack([y0, x0, tf.maximum(y1 - y0, 1), tf.maximum(x1 - x0, 1)])
 
-  Equals slice + ``tf.image.resize`` except that an upsampled crop's outermost pixels
-  interpolate with the true neighbours instead of clamping at the crop's edge (the edge
-  pad reproduces the clamp at the image border), and that shrinking crops are not
-  antialiased (they shrink by at most scale_size / image_size).
+
+def decode_crop(image, seed, data_config):
+  """The train crop's pixels (uint8, original resolution) and the flip coin.
+
+  ``image`` is a decoded uint8 image or encoded bytes.  Resizing to ``scale_size`` and then
+  cropping equals cropping the matching window of the original image, so the crop window
+  is mapped back to original pixels (rounded to whole pixels) and only that window is
+  decoded (``decode_and_crop_jpeg`` for JPEG bytes).
+  """
+  scale = data_config.scale_size
+  crop, top, left, flip = random_crop(seed, data_config)
+  if image.dtype == tf.string:
+    is_jpeg = tf.io.is_jpeg(image)
+    shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(image),
+                    lambda: tf.shape(tf.io.decode_image(image, channels=3,
+                                                        expand_animations=False)))
+    window = _crop_window(shape, crop, top, left, scale)
+
+    def decode_window():
+      return tf.image.decode_and_crop_jpeg(image, window, channels=3)
+
+    def decode_and_slice():
+      full = tf.io.decode_image(image, channels=3, expand_animations=False)
+      return tf.slice(full, [window[0], window[1], 0], [window[2], window[3], 3])
+
+    patch = tf.cond(is_jpeg, decode_window, decode_and_slice)
+  else:
+    window = _crop_window(tf.shape(image), crop, top, left, scale)
+    patch = tf.slice(image, [window[0], window[1], 0], [window[2], window[3], -1])
+  return patch, flip
+
+
+def ctran_train_image(image, seed, data_config) -> tf.Tensor:
+  """The reference's train transform (resize to scale, random crop, resize, flip), fused.
+
+  The crop window is decoded at original resolution (`decode_crop`) and resized once to
+  image_size: one bilinear resize of the crop instead of two (reference: PIL resize, crop,
+  resize). Shrinking by more than 25 % is antialiased (as PIL always is); milder shrinking
+  is not, which is ~2x cheaper and changes little.
   """
   size = data_config.image_size
-  padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-  crops = tf.image.crop_and_resize(padded, boxes, tf.range(tf.shape(images)[0]), (size, size))
-  return _normalise(crops, data_config)
+  patch, flip = decode_crop(image, seed, data_config)
+  strong_shrink = tf.reduce_max(tf.shape(patch)[:2]) * 4 > size * 5  # resize reads uint8
+  patch = tf.cond(strong_shrink,
+                  lambda: tf.image.resize(patch, (size, size), antialias=True),
+                  lambda: tf.image.resize(patch, (size, size)))
+  patch = tf.cond(flip, lambda: tf.reverse(patch, [1]), lambda: patch)
+  return _normalise(patch, data_config)
+
+
+def canvas_size(data_config) -> int:
+  return max(data_config.scale_size, data_config.image_size)
+
+
+def ctran_train_window(image, seed, data_config) -> dict:
+  """Host half of the train transform when ``data.resize_on_device``: decode the crop only.
+
+  Returns the crop's pixels in the top-left corner of a zero ``canvas_size`` square (uint8),
+  its (height, width) and the flip coin; `ctran_jax.augment.resize_windows` finishes the
+  job (bilinear resize to image_size, mirror, normalise) inside the jitted train step,
+  where it costs the accelerator next to nothing and the host only decodes. A crop
+  larger than the canvas (images larger than scale_size) is first shrunk on the host.
+  """
+  side = canvas_size(data_config)
+  patch, flip = decode_crop(image, seed, data_config)
+  hw = tf.shape(patch)[:2]
+  fits = tf.reduce_all(hw <= side)
+  target = tf.minimum(hw, side)
+  patch = tf.cond(fits, lambda: patch, lambda: tf.cast(tf.round(tf.image.resize(
+      patch, target, antialias=True)), tf.uint8))
+  hw = tf.shape(patch)[:2]
+  canvas = tf.pad(patch, [[0, side - hw[0]], [0, side - hw[1]], [0, 0]])
+  return {"image": tf.ensure_shape(canvas, (side, side, 3)), "window": hw, "flip": flip}
 
 
 def centre_crop(image, data_config) -> tf.Tensor:
@@ -220,18 +349,77 @@ def centre_crop(image, data_config) -> tf.Tensor:
   return _normalise(image, data_config)
 
 
+def cub_train_image(image, key, data_config) -> tf.Tensor:
+  """The reference's CUB train transform: colour jitter -> random-resized crop -> flip.
+
+  Colour jitter: brightness factor ~ U[1 - 32/255, 1 + 32/255], then saturation factor
+  ~ U[0.5, 1.5] (torchvision draws the order of the two at random; a fixed order is a
+  negligible difference).  Random-resized crop: area 8-100 %, aspect ratio 3/4-4/3, 10
+  tries, else the whole image (TF's sampler; torchvision falls back to a centre crop).
+  """
+  size = data_config.image_size
+  keys = tf.random.experimental.stateless_split(key, num=4)
+  image = tf.cast(image, tf.float32) / 255.0
+  image = image * tf.random.stateless_uniform([], keys[0], 1 - 32 / 255, 1 + 32 / 255)
+  image = tf.clip_by_value(image, 0.0, 1.0)
+  grey = tf.image.rgb_to_grayscale(image)
+  image = tf.clip_by_value(
+      grey + tf.random.stateless_uniform([], keys[1], 0.5, 1.5) * (image - grey), 0.0, 1.0)
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=keys[2],
+      min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  image = tf.slice(image, begin, crop_size)
+  image = tf.image.resize(image, (size, size), antialias=True)
+  if data_config.flip:
+    image = tf.where(tf.random.stateless_uniform([], keys[3]) < 0.5,
+                     tf.image.flip_left_right(image), image)
+  return _normalise(image * 255.0, data_config)
+
+
+def cub_eval_image(image, data_config) -> tf.Tensor:
+  """The reference's CUB test transform: centre crop image_size, zero-padded if smaller."""
+  size = data_config.image_size
+  image = tf.cast(image, tf.float32)
+  shape = tf.shape(image)
+  pad_h, pad_w = tf.maximum(size - shape[0], 0), tf.maximum(size - shape[1], 0)
+  image = tf.pad(image, [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2],
+                         [0, 0]])
+  shape = tf.shape(image)
+  # torchvision: top = int(round((h - size) / 2)), round half to even like tf.round.
+  top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2), tf.int32)
+  image = tf.ensure_shape(image[top:top + size, left:left + size], (size, size, 3))
+  # Padding is black *before* normalisation, as torchvision pads the PIL image.
+  return _normalise(image, data_config)
+
+
+def eval_image(image, data_config) -> tf.Tensor:
+  if data_config.get("transform", "ctran") == "cub":
+    return cub_eval_image(image, data_config)
+  return centre_crop(image, data_config)
+
+
 # ------------------------------------------------------------------------------ reading
 
 
 def _read(builder, split, data_config) -> tf.data.Dataset:
   """Records in file order as {example_id, image (decoded when cached, else bytes), labels}."""
   read_config = tfds.ReadConfig(add_tfds_id=True, try_autocache=False)
-  ds = builder.as_dataset(split, shuffle_files=False, read_config=read_config,
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {
-      "example_id": tf.strings.to_hash_bucket_fast(ex["tfds_id"], _ID_BUCKETS),
-      "image": ex["image"],
-      "labels": tf.cast(ex["labels"], tf.int32)})
+  adapter = adapters.adapter_for(builder)
+  has_visible = "label_visible" in builder.info.features
+
+  def select(ex):
+    out = adapter.to_example(ex) if adapter else ex
+    example = {"example_id": tf.strings.to_hash_bucket_fast(ex["tfds_id"], _ID_BUCKETS),
+               "image": out["image"], "labels": tf.cast(out["labels"], tf.int32)}
+    if has_visible:
+      example["label_visible"] = tf.cast(ex["label_visible"], tf.bool)
+    return example
+
+  ds = ds.map(select)
   if data_config.get("cache", False):
     ds = ds.map(functools.partial(_decode, builder), num_parallel_calls=_AUTOTUNE).cache()
   return ds
@@ -303,18 +491,20 @@ def train_dataset(data_config, *, batch_size: int, seed: int, start_step: int = 
     return ds.map(lambda position, ex: (tf.random.experimental.stateless_fold_in(
         key, position), ex))
 
-  def resize_and_draw_box(key, ex):
-    return {"image": _resize(_decode(builder, ex)["image"], data_config.scale_size),
-            "box": random_crop_box(key, data_config), "labels": ex["labels"],
-            "example_id": ex["example_id"]}
+  def cub_example(key, ex):
+    return {"image": cub_train_image(_decode(builder, ex)["image"], key, data_config),
+            "labels": ex["labels"], "example_id": ex["example_id"]}
 
-  def augment(batch):  # one crop_and_resize for the batch is far cheaper than per image
-    return {"image": crop_resize_flip(batch["image"], batch["box"], data_config),
-            "labels": batch["labels"], "example_id": batch["example_id"]}
+  def ctran_example(key, ex):
+    if data_config.get("resize_on_device", False):
+      return {**ctran_train_window(ex["image"], key, data_config),
+              "labels": ex["labels"], "example_id": ex["example_id"]}
+    return {"image": ctran_train_image(ex["image"], key, data_config),
+            "labels": ex["labels"], "example_id": ex["example_id"]}
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_examples)
-  ds = ds.map(resize_and_draw_box, num_parallel_calls=_AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True).map(augment, num_parallel_calls=_AUTOTUNE)
+  example = cub_example if data_config.get("transform", "ctran") == "cub" else ctran_example
+  ds = ds.map(example, num_parallel_calls=_AUTOTUNE).batch(batch_size, drop_remainder=True)
   ds = ds.prefetch(data_config.prefetch)
   return iter(tfds.as_numpy(_options(ds)))
 
@@ -341,10 +531,9 @@ def _eval_tf_dataset(key: str, split: str, batch_size: int, process_index: int,
   builder = prepared_builder(data_config)
   local = _local_split(split, process_index, process_count)
   size = data_config.image_size
-  num_labels = builder.info.features["labels"].shape[0]
+  num_labels = dataset_meta(data_config).num_labels
   ds = _read(builder, local, data_config).map(
-      lambda ex: {"image": centre_crop(_decode(builder, ex)["image"], data_config),
-                  "labels": ex["labels"], "example_id": ex["example_id"],
+      lambda ex: {**ex, "image": eval_image(_decode(builder, ex)["image"], data_config),
                   "valid": tf.constant(True)},
       num_parallel_calls=_AUTOTUNE)
   total = num_eval_batches(data_config, split, batch_size=batch_size,
@@ -352,6 +541,8 @@ def _eval_tf_dataset(key: str, split: str, batch_size: int, process_index: int,
   padding = {"image": tf.zeros((size, size, 3), tf.float32),
              "labels": tf.zeros((num_labels,), tf.int32),
              "example_id": tf.constant(-1, tf.int64), "valid": tf.constant(False)}
+  if "label_visible" in builder.info.features:
+    padding["label_visible"] = tf.zeros((num_labels,), tf.bool)
   pad_count = total - builder.info.splits[local].num_examples
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad_count))
   return _options(ds.batch(batch_size, drop_remainder=True).prefetch(data_config.prefetch))
@@ -359,7 +550,8 @@ def _eval_tf_dataset(key: str, split: str, batch_size: int, process_index: int,
 
 def eval_dataset(data_config, split: str, *, batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over this process's shard: {image, labels, example_id, valid} batches.
+  """One pass over this process's shard: {image, labels, example_id, valid} batches
+  (+ ``label_visible`` when the dataset has it).
 
   Padding rows have ``valid=False``, ``example_id=-1`` and zero images/labels; every
   process yields exactly ``num_eval_batches(...)`` batches.

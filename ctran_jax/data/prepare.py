@@ -14,6 +14,7 @@ itself (from ``manual_dir`` when it holds the archives, else downloaded).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -39,7 +40,12 @@ def _builder_class(name: str):
                      "(or any TFDS name)") from None
 
 
-def missing_files(name: str, manual_dir: str | None) -> list[str]:
+def _accepts(fn, key: str) -> bool:
+  return key in inspect.signature(fn).parameters
+
+
+def missing_files(name: str, manual_dir: str | None, builder_kwargs: dict | None = None
+                  ) -> list[str]:
   """Human-readable lines for the original files `name` needs and `manual_dir` lacks."""
   cls = _builder_class(name)
   check = getattr(cls, "missing_manual_files", None)
@@ -48,7 +54,8 @@ def missing_files(name: str, manual_dir: str | None) -> list[str]:
   if not manual_dir:
     return [f"--manual_dir is required for {name}: "
             + " ".join(str(getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", "")).split())]
-  return list(check(manual_dir))
+  options = {k: v for k, v in (builder_kwargs or {}).items() if _accepts(check, k)}
+  return list(check(manual_dir, **options))
 
 
 def list_datasets() -> str:
@@ -72,11 +79,16 @@ def prepare(name: str, *, manual_dir: str | None, data_dir: str | None,
 
   name = builder_name(name)
   manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
-  missing = missing_files(name, manual_dir)
+  builder_kwargs = dict(builder_kwargs or {})
+  missing = missing_files(name, manual_dir, builder_kwargs)
   if missing:
     raise FileNotFoundError(f"{name}: missing original files in {manual_dir!r}:\n  "
                             + "\n  ".join(missing))
-  builder = tfds.builder(name, data_dir=data_dir, **(builder_kwargs or {}))
+  if manual_dir and _accepts(_builder_class(name).__init__, "manual_dir"):
+    # Builders whose features depend on the files (ctran_folder: the label count) read
+    # them when constructed, so they take the folder as an argument.
+    builder_kwargs = {"manual_dir": manual_dir, **builder_kwargs}
+  builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
   if builder.is_prepared() and not overwrite:
     print(f"{name}: already prepared in {builder.data_dir} (--overwrite rebuilds it)")
     return builder
