@@ -37,8 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 4096
   c.data.prefetch = 2
   c.data.cache = True               # keep decoded examples in memory (small datasets only)
+  c.data.transform = "ctran"        # "ctran" (reference COCO/VOC/VG) or "cub" transforms
+  c.data.resize_on_device = False   # "ctran": host decodes the crop, the train step resizes
 
   c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet"       # "resnet" or "inception_v3" (CUB)
   c.model.backbone_depth = 0        # 0: the tiny stage_sizes/block below; else 18..152
   c.model.backbone_width = 16
   c.model.backbone_stage_sizes = (1, 1, 1, 1)
@@ -54,9 +57,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.bn_mode = "train"         # "train" (reference) or "frozen"
   c.model.dtype = "float32"         # compute dtype: float32 or bfloat16
   c.model.init_from = ""            # a model directory from `python -m ctran_jax.convert`
+  c.model.remat = "none"            # recompute in backward: none | backbone | encoder | all
 
   c.lmt = ml_collections.ConfigDict()
-  c.lmt.max_known_fraction = 0.75   # known labels per example ~ U{0..floor(0.75 L)}
+  c.lmt.max_known_fraction = 0.75   # known labels per example ~ U{0..floor(0.75 M)}
+  c.lmt.num_maskable = 0            # M: only the first M labels may be known (0: all L)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.reduction = "mean"         # "sum" (reference) or "mean" over unknown entries
@@ -89,10 +94,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.num_devices = -1           # -1: every device of every host
+  c.mesh.num_devices = -1           # -1: every device of every host (required when multi-host)
+  c.mesh.fsdp = 1                   # devices a parameter is split over; 1: pure data parallel,
+                                    # -1: all devices (the batch is split over all of them)
+  c.mesh.fsdp_min_size = 2**16      # leaves with fewer elements stay replicated
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128
   c.eval.known_fractions = (0.0, 0.25, 0.5, 0.75)
   c.eval.seed = 0                   # which labels are known at evaluation
+  c.eval.known_groups = ()          # extra-label eval: numbers of concept groups given (CUB)
+  c.eval.selection_metric = "mAP"   # best checkpoint: this metric at known_fractions[0]
   return c

@@ -10,6 +10,12 @@ Layout under the workdir::
 schedule state, which is everything else a resumed run needs. Before any array is read, the
 stored model config is compared with the current one, so a checkpoint from another model or
 label count fails with a message that lists the differences instead of a shape error.
+
+Multi-process runs: every process calls `Checkpoints.save` and `restore` in the same order
+(orbax synchronises them; process 0 writes the metadata and each process the shards of the
+arrays it holds), so the workdir must be storage that all processes see. Nothing here
+writes files itself. A checkpoint restores onto whatever shardings the target state
+carries: another mesh, FSDP layout or process count than the one that saved it.
 """
 
 from __future__ import annotations
@@ -26,9 +32,19 @@ class CheckpointError(ValueError):
   """A checkpoint cannot be used: missing, or from a different model / label set."""
 
 
-def _manager(directory: str, keep: int, asynchronous: bool) -> ocp.CheckpointManager:
+def _manager(directory: str, keep: int, asynchronous: bool, name: str) -> ocp.CheckpointManager:
+  # Its own barrier names: with several processes, the async saves of two managers at the
+  # same step otherwise meet in one barrier ("Barrier ... is already ongoing").
+  multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=asynchronous)
+                                         enable_async_checkpointing=asynchronous,
+                                         multiprocessing_options=multiprocessing)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A manager that only reads: creates no directory and deletes nothing."""
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -43,8 +59,8 @@ class Checkpoints:
   """Latest-K and best checkpoints of one training run."""
 
   def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
-    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, asynchronous)
-    self.best = _manager(os.path.join(workdir, "best"), 1, asynchronous)
+    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, asynchronous, "latest")
+    self.best = _manager(os.path.join(workdir, "best"), 1, asynchronous, "best")
 
   def save(self, step: int, state, meta: dict, *, best: bool = False) -> None:
     """Save asynchronously (all processes must call); `best` also replaces the best copy."""
@@ -86,7 +102,7 @@ def resolve(workdir: str, which: str) -> tuple[str, int]:
 
 def read_meta(directory: str, step: int) -> dict:
   """The JSON side of a checkpoint (cheap: no arrays are read)."""
-  manager = _manager(directory, 1, asynchronous=False)
+  manager = _reader(directory)
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable dirs
@@ -104,6 +120,8 @@ def restore(directory: str, step: int, target_state, *, model_config: dict,
   """Restore ``(state, meta)`` onto `target_state`'s structure and shardings.
 
   Raises `CheckpointError` when the checkpoint belongs to another model or label count.
+  The arrays are read straight into `target_state`'s shardings (each process reads the
+  shards its devices hold), so the saving run's mesh and process count do not matter.
   """
   meta = read_meta(directory, step)
   problems = model_mismatch(meta.get("model", {}), model_config)
@@ -115,7 +133,7 @@ def restore(directory: str, step: int, target_state, *, model_config: dict,
                           + "\n  ".join(problems)
                           + "\nUse a fresh --workdir, or the config that wrote it.")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-  manager = _manager(directory, 1, asynchronous=False)
+  manager = _reader(directory)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]

@@ -11,10 +11,25 @@ and resumes from the workdir's latest checkpoint when there is one. ``--mode=eva
 evaluates ``--checkpoint`` (latest, best, or a step directory) and writes
 ``WORKDIR/eval/results.json``. Any config value can be overridden with
 ``--config.<key>=<value>``; a misspelt key is an error.
+
+Several processes (hosts) run the same command, one per host (or per accelerator). Under
+SLURM (``srun``), Open MPI (``mpirun``), on Cloud TPU VMs (and Kubernetes indexed jobs with
+the ``kubernetes`` package) `jax.distributed.initialize` reads the layout from the
+environment; anywhere else pass it::
+
+    python -m ctran_jax.main --config=... --workdir=/shared/run \
+        --coordinator_address=host0:1234 --num_processes=4 --process_id=$RANK
+
+The workdir must be shared storage (NFS, gs://): every process takes part in saving
+checkpoints. Process 0 logs at INFO and alone writes TensorBoard and the eval reports;
+the other processes log warnings and errors only. A single process never initialises the
+distributed runtime.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import sys
 
@@ -30,7 +45,122 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "--mode=eval: 'latest'
                                   "checkpoint step directory.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of known errors "
                                "(bad config, data or checkpoint) instead of one line.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process run: host:port where process 0 serves the "
+    "coordinator (the same on every process). Detected under SLURM, Open MPI, Cloud TPU.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: the number "
+                                      "of processes.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's "
+                                   "index, 0 .. num_processes - 1.", lower_bound=0)
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Multi-process run: the local accelerators this process uses, "
+    "e.g. 0,1 (default: all visible; SLURM/Open MPI detection gives each process the one of "
+    "its local rank, so pass all of them when a process drives several).")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Multi-process run: "
+                                     "seconds to wait for every process to connect; then "
+                                     "jax aborts the process (DEADLINE_EXCEEDED).",
+                                     lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class DistributedError(RuntimeError):
+  """The processes of a multi-process run could not connect."""
+
+
+def _count(environ, key: str) -> int:
+  try:
+    return int(environ.get(key, "1"))
+  except ValueError:
+    return 1
+
+
+def on_cloud_tpu_vm() -> bool:
+  """libtpu installed and TPU chips attached: a Cloud TPU VM, maybe one host of a pod slice
+  (jax then asks the VM metadata server how many workers there are)."""
+  return (importlib.util.find_spec("libtpu") is not None
+          and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+
+
+def detect_cluster(environ=os.environ) -> str | None:
+  """The multi-process launcher that `jax.distributed.initialize()` can read, if any.
+
+  Mirrors the environments jax 0.10 auto-detects (``jax/_src/clusters``), counting a
+  launcher only when it started several processes: a one-task SLURM job or a plain
+  ``python`` on a workstation stays a single process. mpi4py detection is opt-in in jax
+  and not used here.
+  """
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+           "SLURM_LOCALID")
+  if all(k in environ for k in slurm) and _count(environ, "SLURM_NTASKS") > 1:
+    return "SLURM"
+  if "OMPI_MCA_orte_hnp_uri" in environ and _count(environ, "OMPI_COMM_WORLD_SIZE") > 1:
+    return "Open MPI"
+  if "TPU_SKIP_MDS_QUERY" not in environ and on_cloud_tpu_vm():
+    return "Cloud TPU"
+  if ("KUBERNETES_SERVICE_HOST" in environ and "JOB_COMPLETION_INDEX" in environ
+      and importlib.util.find_spec("kubernetes") is not None):
+    return "Kubernetes"
+  return None
+
+
+def distributed_arguments(*, coordinator_address: str | None, num_processes: int | None,
+                          process_id: int | None, local_device_ids: list[str] | None,
+                          timeout: int, environ=os.environ) -> tuple[dict, str] | None:
+  """(`jax.distributed.initialize` keyword arguments, how detected), or None: one process.
+
+  Explicit flags win over detection; without a detected cluster all three of
+  coordinator/num_processes/process_id are needed.
+  """
+  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  explicit = {k: v for k, v in given.items() if v is not None}
+  cluster = detect_cluster(environ)
+  if not explicit and cluster is None:
+    if local_device_ids:
+      raise ValueError("--local_device_ids is for multi-process runs: add "
+                       "--coordinator_address, --num_processes and --process_id")
+    return None
+  if cluster is None and len(explicit) < len(given):
+    missing = ", ".join(f"--{k}" for k in given if k not in explicit)
+    raise ValueError(f"a multi-process run needs --coordinator_address, --num_processes and "
+                     f"--process_id together (missing {missing}); under SLURM, Open MPI or "
+                     "on Cloud TPU they are detected")
+  if num_processes is not None and process_id is not None and process_id >= num_processes:
+    raise ValueError(f"--process_id={process_id} must be below --num_processes={num_processes}")
+  kwargs = {**explicit, "initialization_timeout": timeout}
+  if local_device_ids:
+    try:
+      kwargs["local_device_ids"] = [int(i) for i in local_device_ids]
+    except ValueError:
+      raise ValueError(f"--local_device_ids={','.join(local_device_ids)}: expected "
+                       "comma-separated integers such as 0,1") from None
+  return kwargs, ("flags" if cluster is None else cluster)
+
+
+def initialize_distributed(**flag_values) -> str | None:
+  """Join the other processes (before any other JAX call); a description, or None."""
+  arguments = distributed_arguments(**flag_values)
+  if arguments is None:
+    return None
+  kwargs, how = arguments
+  import jax
+
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # noqa: BLE001 - jax raises runtime errors of several types
+    where = kwargs.get("coordinator_address") or f"the coordinator ({how})"
+    raise DistributedError(f"could not join {where} within {kwargs['initialization_timeout']} "
+                           f"s as process {kwargs.get('process_id', '?')}: check the address, "
+                           f"that all processes were started, and the port: {e}") from e
+  return (f"process {jax.process_index()} of {jax.process_count()} ({how}); "
+          f"{jax.local_device_count()} local / {jax.device_count()} devices")
+
+
+class _BelowWarning:
+  """Drop INFO and DEBUG records: processes other than 0 log warnings and errors only."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30
 
 
 class _QuietLibraries:
@@ -45,11 +175,32 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  # Imported here so that --help and flag errors are instant (TF + JAX import takes seconds).
+  handler, quiet = logging.get_absl_handler(), _BelowWarning()
+  handler.addFilter(_QuietLibraries())
+  handler.addFilter(quiet)  # until this process knows it is process 0
+  try:
+    joined = initialize_distributed(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value, local_device_ids=_LOCAL_DEVICE_IDS.value,
+        timeout=_INIT_TIMEOUT.value)
+  except (ValueError, DistributedError) as e:
+    _exit_with_error(e, "")
+  where, chief = "", True
+  if joined:
+    import jax
+
+    where, chief = f" (process {jax.process_index()})", jax.process_index() == 0
+  if chief:
+    handler.removeFilter(quiet)
+  else:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's C++ INFO lines, too
+  logging.info("distributed: %s", joined or "no (one process)")
+
+  # Imported here so that --help and flag errors are instant (TF + JAX import takes
+  # seconds), and after jax.distributed.initialize.
   from ctran_jax import checkpoint, train
   from ctran_jax.data import pipeline
 
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   config, workdir = _CONFIG.value, _WORKDIR.value
   known_errors = (ValueError, OSError, checkpoint.CheckpointError,
                   FloatingPointError, getattr(pipeline, "DatasetError", ValueError))
@@ -61,10 +212,15 @@ def main(argv):
     else:
       train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
   except known_errors as e:
-    if _TRACEBACK.value:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit_with_error(e, where)
+
+
+def _exit_with_error(error: Exception, where: str):
+  """One line on stderr (any process: errors are never filtered) and exit status 2."""
+  if _TRACEBACK.value:
+    raise error
+  print(f"error{where}: {error}", file=sys.stderr)
+  sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

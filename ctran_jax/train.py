@@ -2,8 +2,11 @@
 
 Reads top to bottom: config checks → optimizer → train state → step functions →
 `train_and_evaluate` (mesh → data → model → restore → loop: log, evaluate, checkpoint).
-The step is one pure `jax.jit` function over a `Mesh` (batch on ``data``, parameters
-replicated); the model is split with `nnx.split` outside and merged inside.
+The step is one pure `jax.jit` function over a ``(data, fsdp)`` `Mesh` with explicit in/out
+shardings (batch split over every device, parameters and optimizer state split over
+``fsdp`` by the rule in `sharding`); the model is split with `nnx.split` outside and merged
+inside. Multi-process runs need no other code path: every process runs this same loop
+on its own data shard (main.py initialises `jax.distributed`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from ctran_jax import checkpoint, evaluate, label_mask, model_store, sharding
+from ctran_jax import augment, checkpoint, evaluate, label_mask, metrics, model_store, sharding
 from ctran_jax.data import pipeline
 from ctran_jax.losses import REDUCTIONS, masked_bce
+from ctran_jax.models import BACKBONES
+from ctran_jax.models.remat import CHOICES as REMAT_CHOICES
+from ctran_jax.models.remat import set_remat
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "plateau", "cosine")
@@ -45,6 +52,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   one_of("loss.reduction", config.loss.reduction, REDUCTIONS)
   one_of("model.bn_mode", config.model.bn_mode, BN_MODES)
   one_of("model.dtype", config.model.dtype, DTYPES)
+  one_of("model.backbone", config.model.backbone, BACKBONES)
+  one_of("model.remat", config.model.remat, REMAT_CHOICES)
+  one_of("data.transform", config.data.transform, pipeline.TRANSFORMS)
+  one_of("eval.selection_metric", config.eval.selection_metric,
+         metrics.METRIC_NAMES + metrics.CUB_METRIC_NAMES)
+  if not isinstance(config.lmt.num_maskable, int) or config.lmt.num_maskable < 0:
+    raise ValueError(f"config.lmt.num_maskable={config.lmt.num_maskable!r}; expected an "
+                     "integer >= 0 (0: every label may be known)")
+  if any(not isinstance(n, int) or n < 0 for n in config.eval.known_groups):
+    raise ValueError(f"config.eval.known_groups={config.eval.known_groups!r}; expected "
+                     "integers >= 0 (numbers of concept groups given as known)")
+  if config.data.resize_on_device and config.data.transform != "ctran":
+    raise ValueError("config.data.resize_on_device needs config.data.transform='ctran'")
   positive = ("batch_size", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints", "eval.batch_size")
   for key in positive:
@@ -67,11 +87,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.learning_rate <= 0:
     raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate}; "
                      "expected > 0")
+  fsdp = config.mesh.fsdp
+  if not isinstance(fsdp, int) or (fsdp < 1 and fsdp != -1):
+    raise ValueError(f"config.mesh.fsdp={fsdp!r}; expected -1 (all devices) or a positive "
+                     "integer (1: pure data parallel)")
+  if not isinstance(config.mesh.fsdp_min_size, int) or config.mesh.fsdp_min_size < 0:
+    raise ValueError(f"config.mesh.fsdp_min_size={config.mesh.fsdp_min_size!r}; expected an "
+                     "integer >= 0")
 
 
 def model_kwargs(config: ml_collections.ConfigDict, num_labels: int) -> dict:
   """The `model_store` description of the configured model (also stored in checkpoints)."""
   m = config.model
+  if m.backbone != "resnet":  # (ResNet checkpoints from before the key existed still match)
+    return {"kind": "ctran", "num_labels": num_labels, "backbone": m.backbone,
+            "hidden": m.hidden, "heads": m.heads, "layers": m.layers,
+            "ffn_dim": m.ffn_dim or None, "dropout": m.dropout, "use_lmt": m.use_lmt,
+            "pos_emb": m.pos_emb, "image_tokens": m.image_tokens}
   return {"kind": "ctran", "num_labels": num_labels, "backbone_depth": m.backbone_depth,
           "backbone_width": m.backbone_width,
           "backbone_stage_sizes": tuple(m.backbone_stage_sizes) if m.backbone_depth == 0
@@ -158,8 +190,12 @@ def _reseed(rng_state, key):
   return jax.tree.unflatten(treedef, new)
 
 
-def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_steps: int):
+def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_steps: int,
+                    finish_images=None):
   """(state, rng_state, batch, lr_scale) -> (state, metrics); batch has image/labels/states.
+
+  ``finish_images(batch) -> images``, when given, turns the batch's raw image fields into
+  model inputs inside the step (``data.resize_on_device``: `augment.resize_windows`).
 
   With ``accum_steps`` > 1 the batch is cut into micro-batches (rows i*k + j form micro-batch
   j, so each stays spread over all devices) whose gradients are summed; the loss is defined
@@ -170,8 +206,10 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_
     model = nnx.merge(graphdef, params, batch_stats, _reseed(rng_state, key))
     model.train()
 
+    images = finish_images(micro) if finish_images else micro["image"]
+
     def loss_fn(model):
-      logits = model(micro["image"], micro["states"])
+      logits = model(images, micro["states"])
       return masked_bce(logits, micro["labels"], micro["states"], reduction="sum") / denominator
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -218,14 +256,19 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_
 
 # ----------------------------------------------------------------------------- helpers
 
+def model_overrides(config) -> dict:
+  """Model settings that do not change the weights (not stored in checkpoints' model config)."""
+  return {"bn_mode": config.model.bn_mode, "dtype": jnp.dtype(config.model.dtype)}
+
+
 def create_model(config, num_labels: int):
   """A freshly initialised model, or one initialised from ``config.model.init_from``."""
-  kwargs = model_kwargs(config, num_labels)
-  overrides = {"bn_mode": config.model.bn_mode, "dtype": jnp.dtype(config.model.dtype)}
+  kwargs, overrides = model_kwargs(config, num_labels), model_overrides(config)
   model = model_store.init_model(kwargs, seed=config.seed, **overrides)
   if config.model.init_from:
     pretrained = model_store.load_model(config.model.init_from, **overrides)
-    target = model.backbone if isinstance(pretrained, model_store.ResNet) else model
+    backbones = (model_store.ResNet, model_store.InceptionV3)
+    target = model.backbone if isinstance(pretrained, backbones) else model
     try:
       nnx.update(target, nnx.state(pretrained, model_store.WEIGHTS))
     except Exception as e:  # noqa: BLE001 - nnx reports structure mismatches in many ways
@@ -235,18 +278,100 @@ def create_model(config, num_labels: int):
   return model
 
 
-def create_train_state(config, mesh, num_labels: int, num_steps: int):
-  """(graphdef, replicated state, rng_state, optimizer, schedule) of a fresh model."""
-  model = create_model(config, num_labels)
+def make_mesh(config):
+  """The ``(data, fsdp)`` mesh of ``config.mesh``."""
+  return sharding.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
+
+
+def state_shardings(config, mesh, state):
+  """Where each leaf of the train state lives (`sharding.state_shardings`' FSDP rule)."""
+  return sharding.state_shardings(state, mesh, config.mesh.fsdp_min_size)
+
+
+def _train_state(config, model, num_labels: int, num_steps: int, make_opt_state):
+  set_remat(model, config.model.remat)  # static: the graphdef carries it into the step
   graphdef, params, batch_stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   schedule = learning_rate_schedule(config, num_steps)
   tx = make_optimizer(config, schedule)
-  state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+  state = {"params": params, "batch_stats": batch_stats, "opt_state": make_opt_state(tx, params),
            "step": jnp.zeros((), jnp.int32)}
   num_params = sum(x.size for x in jax.tree.leaves(params))
   logging.info("model: %s parameters, %s", f"{num_params:,}", model_kwargs(config, num_labels))
-  return (graphdef, sharding.replicate(state, mesh), sharding.replicate(rng_state, mesh), tx,
-          schedule)
+  return graphdef, state, rng_state, tx, schedule
+
+
+def create_train_state(config, mesh, num_labels: int, num_steps: int):
+  """(graphdef, state, rng_state, optimizer, schedule) of a fresh model, placed on the mesh.
+
+  The state is split over ``fsdp`` by `state_shardings`; the RNG state is replicated.
+  """
+  graphdef, state, rng_state, tx, schedule = _train_state(
+      config, create_model(config, num_labels), num_labels, num_steps,
+      lambda tx, params: tx.init(params))
+  state = sharding.put(state, state_shardings(config, mesh, state))
+  return graphdef, state, sharding.replicate(rng_state, mesh), tx, schedule
+
+
+def abstract_train_state(config, mesh, num_labels: int, num_steps: int):
+  """As `create_train_state`, but the state is ShapeDtypeStructs with their shardings.
+
+  The target of a checkpoint restore: nothing is initialised or compiled (initialising a
+  ResNet-101 costs a compile of tens of seconds). The RNG state is real but its values do
+  not matter: the train step replaces every key from (seed, step) and eval uses none.
+  """
+  model = model_store.build_model(model_kwargs(config, num_labels), seed=config.seed,
+                                  **model_overrides(config))
+  graphdef, state, rng_state, tx, schedule = _train_state(
+      config, model, num_labels, num_steps, lambda tx, params: jax.eval_shape(tx.init, params))
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
+  state = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                       state, state_shardings(config, mesh, state))
+  return graphdef, state, sharding.replicate(rng_state, mesh), tx, schedule
+
+
+def image_finisher(config):
+  """``data.resize_on_device``: the device half of the train transform, else None."""
+  if not config.data.resize_on_device:
+    return None
+  data, dtype = config.data, jnp.dtype(config.model.dtype)
+  return lambda batch: augment.resize_windows(
+      batch["image"], batch["window"], batch["flip"], size=data.image_size, mean=data.mean,
+      std=data.std, dtype=dtype)
+
+
+def jit_train_step(config, graphdef, tx, schedule, mesh, state):
+  """The compiled step of `make_train_step` with explicit in/out shardings on `mesh`.
+
+  `state` (arrays or ShapeDtypeStructs) gives the train state's tree; the state keeps the
+  FSDP layout across steps and is donated, the batch is split over all devices, the RNG
+  state, learning-rate scale and metrics are replicated.
+  """
+  state_sh, repl = state_shardings(config, mesh, state), sharding.replicated(mesh)
+  step = make_train_step(graphdef, tx, schedule, seed=config.seed,
+                         reduction=config.loss.reduction, accum_steps=config.grad_accum_steps,
+                         finish_images=image_finisher(config))
+  return jax.jit(step, in_shardings=(state_sh, repl, sharding.batch_sharding(mesh), repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+
+def dataset_meta(config) -> pipeline.DatasetMeta:
+  """`pipeline.dataset_meta`; with several processes, process 0 prepares the data first.
+
+  On shared storage the others then find a generated dataset ready instead of racing to
+  write it; on per-host disks each prepares its own copy after process 0.
+  """
+  if jax.process_count() == 1:
+    return pipeline.dataset_meta(config.data)
+  meta = error = None
+  if jax.process_index() == 0:
+    try:
+      meta = pipeline.dataset_meta(config.data)
+    except Exception as e:  # noqa: BLE001 - re-raised after the barrier, so no one hangs
+      error = e
+  multihost_utils.sync_global_devices("ctran_jax.train.dataset_meta")
+  if error is not None:
+    raise error
+  return meta or pipeline.dataset_meta(config.data)
 
 
 def tensorboard_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -273,16 +398,17 @@ def _format_eta(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train (resuming from the workdir's latest checkpoint) and evaluate.
 
-  Returns ``{"reports": {split: report}, "train_log": [{"step": ..., "loss": ...}, ...]}``:
-  the final evaluation (as in ``eval/results.json``) and the logged training summaries.
+  Returns ``{"reports": {split: report}, "train_log": [{"step": ..., "loss": ...}, ...],
+  "state": final train state}``: the final evaluation (as in ``eval/results.json``), the
+  logged training summaries and the (sharded) arrays of the last step.
   """
   check_config(config)
   is_chief = jax.process_index() == 0
   writer = tensorboard_writer(workdir)
 
   # --- Mesh and data.
-  mesh = sharding.make_mesh(config.mesh.num_devices)
-  meta = pipeline.dataset_meta(config.data)
+  mesh = make_mesh(config)
+  meta = dataset_meta(config)
   num_labels = meta.num_labels
   train_size = meta.split_sizes[config.data.train_split]
   num_steps = total_train_steps(config, train_size)
@@ -293,20 +419,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"micro-batch {config.batch_size // config.grad_accum_steps} "
                      f"(batch_size / grad_accum_steps) must be divisible by the "
                      f"{mesh.devices.size} devices")
-  logging.info("dataset %s: %d labels, splits %s; %d devices, global batch %d, %d steps "
-               "(%.1f epochs)", meta.name, num_labels, meta.split_sizes, mesh.devices.size,
-               config.batch_size, num_steps, num_steps / steps_per_epoch)
+  logging.info("dataset %s: %d labels, splits %s; %d devices in %d process(es), mesh %s, "
+               "global batch %d (%d on this process), %d steps (%.1f epochs)", meta.name,
+               num_labels, meta.split_sizes, mesh.devices.size, jax.process_count(),
+               dict(mesh.shape), config.batch_size, local_batch, num_steps,
+               num_steps / steps_per_epoch)
 
-  # --- Model, optimizer, train state.
+  # --- Model, optimizer, train state: fresh, or restored (auto-resume).
   kwargs = model_kwargs(config, num_labels)
-  graphdef, state, rng_state, tx, schedule = create_train_state(config, mesh, num_labels,
-                                                                num_steps)
-
-  # --- Restore (auto-resume).
   ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
   plateau = Plateau(config.schedule.plateau_factor, config.schedule.plateau_patience)
   best_metric = -math.inf
-  if ckpts.latest_step() is not None:
+  resume = ckpts.latest_step() is not None
+  graphdef, state, rng_state, tx, schedule = (abstract_train_state if resume else
+                                              create_train_state)(config, mesh, num_labels,
+                                                                  num_steps)
+  if resume:
     directory, step = checkpoint.resolve(workdir, "latest")
     state, ckpt_meta = checkpoint.restore(
         directory, step, state, model_config=stored_model_config(kwargs), num_labels=num_labels)
@@ -323,11 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "plateau": dataclasses.asdict(plateau), "best_metric": best_metric}
 
   # --- Compiled steps.
-  repl = sharding.replicated(mesh)
-  train_step = jax.jit(
-      make_train_step(graphdef, tx, schedule, seed=config.seed,
-                      reduction=config.loss.reduction, accum_steps=config.grad_accum_steps),
-      donate_argnums=(0,), out_shardings=(repl, repl))
+  train_step = jit_train_step(config, graphdef, tx, schedule, mesh, state)
   evaluator = evaluate.Evaluator(graphdef, config, mesh, num_labels)
   reports = {}  # split -> (step, report) of its latest evaluation
 
@@ -352,10 +476,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local = next(train_iter)
     local["states"] = (label_mask.train_states(
         local["labels"], local["example_id"], step=step, seed=config.seed,
-        max_known_fraction=config.lmt.max_known_fraction) if config.model.use_lmt
+        max_known_fraction=config.lmt.max_known_fraction,
+        num_maskable=config.lmt.num_maskable) if config.model.use_lmt
         else np.full(local["labels"].shape, label_mask.UNKNOWN, np.int32))
     batch = sharding.global_batch(
-        {k: local[k] for k in ("image", "labels", "states")}, mesh)
+        {k: local[k] for k in ("image", "labels", "states", "window", "flip") if k in local},
+        mesh)
     state, metrics = train_step(state, rng_state, batch, jnp.float32(plateau.scale))
     pending.append(metrics)
     done = step + 1
@@ -387,8 +513,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       first = report["known"][evaluate.fraction_key(config.eval.known_fractions[0])]
       if config.schedule.name == "plateau" and plateau.update(first["loss"]):
         logging.info("validation loss plateaued: learning rate scale now %g", plateau.scale)
-      if first["mAP"] > best_metric:
-        best_metric, is_best = first["mAP"], True
+      selected = evaluate.selection_value(report, config)  # eval.selection_metric
+      if selected > best_metric:
+        best_metric, is_best = selected, True
       last_log_time = time.perf_counter()  # evaluation time is not training speed
     if done % config.checkpoint_every_steps == 0 or done == num_steps or is_best:
       ckpts.save(done, state, checkpoint_meta(), best=is_best)
@@ -407,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"\nresults: {path}")
   writer.flush()
   ckpts.close()
-  return {"reports": final, "train_log": train_log}
+  return {"reports": final, "train_log": train_log, "state": state}
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
@@ -416,11 +543,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   check_config(config)
   writer = tensorboard_writer(workdir)
   directory, step = checkpoint.resolve(workdir, which)
-  mesh = sharding.make_mesh(config.mesh.num_devices)
-  meta = pipeline.dataset_meta(config.data)
+  mesh = make_mesh(config)
+  meta = dataset_meta(config)
   num_steps = total_train_steps(config, meta.split_sizes[config.data.train_split])
-  graphdef, state, rng_state, _, _ = create_train_state(config, mesh, meta.num_labels,
-                                                        num_steps)
+  graphdef, state, rng_state, _, _ = abstract_train_state(config, mesh, meta.num_labels,
+                                                          num_steps)
   state, _ = checkpoint.restore(directory, step, state, num_labels=meta.num_labels,
                                 model_config=stored_model_config(
                                     model_kwargs(config, meta.num_labels)))

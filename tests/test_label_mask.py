@@ -103,7 +103,7 @@ def test_extra_label_states_give_whole_visible_groups_nested_by_count():
     np.testing.assert_array_equal(states[:, :8][expected_known], labels[:, :8][expected_known])
     assert (states[:, 8:] == -1).all()
     known_sets.append(states != -1)
-  for a, b in zip(known_sets, known_sets[1:]):
+  for a, b in zip(known_sets, known_sets[1:], strict=False):
     assert (a <= b).all()
   assert not known_sets[0].any()
   with pytest.raises(ValueError, match="num_known_groups"):
