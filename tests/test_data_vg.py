@@ -275,7 +275,10 @@ def test_pipeline_yields_the_labels(built):
   assert batch["valid"].tolist() == [True, True, True, False]
   assert sorted(map(tuple, batch["labels"][:3])) == sorted(tuple(EXPECTED[i]) for i in TEST_IDS)
   train_batch = next(pipeline.train_dataset(data, batch_size=4, seed=0))
-  assert train_batch["image"].shape == (4, 32, 32, 3)
+  # The recipe resizes on the device: the host ships the decoded crop in a 36^2 canvas.
+  assert data.resize_on_device
+  assert train_batch["image"].shape == (4, 36, 36, 3) and train_batch["image"].dtype == "uint8"
+  assert train_batch["window"].shape == (4, 2) and (train_batch["window"] <= 36).all()
   train_rows = {tuple(v) for i, v in EXPECTED.items() if i not in TEST_IDS}
   assert {tuple(r) for r in train_batch["labels"]} <= train_rows
 
@@ -290,7 +293,7 @@ def test_vg500_config():
   train.check_config(vg500.get_config("tiny"))
 
 
-@pytest.mark.slow  # ~30 s of CPU (compiles), minutes on a busy machine
+# One short training run of the VG-500 recipe (tiny backbone), in the default run.
 def test_tiny_training_run(built, tmp_path):
   _, data_dir, _ = built["files"]
   c = vg500.get_config()

@@ -170,7 +170,10 @@ def test_pipeline_reads_voc_through_the_adapter(tmp_path):
   valid = np.concatenate([b["valid"] for b in batches])
   assert labels.shape == (9, NUM_LABELS) and valid.sum() == 8
   assert sorted(map(tuple, labels[valid])) == expected_rows(8)
-  assert train_batch["image"].shape == (4, 32, 32, 3)
+  # The recipe resizes on the device: the host ships the decoded crop in a 36^2 canvas.
+  assert data.resize_on_device
+  assert train_batch["image"].shape == (4, 36, 36, 3) and train_batch["image"].dtype == "uint8"
+  assert train_batch["window"].shape == (4, 2) and (train_batch["window"] <= 36).all()
   assert train_batch["labels"].shape == (4, NUM_LABELS)
   train_rows = set(expected_rows(16))  # train+validation = 16 examples
   assert all(tuple(row) in train_rows for row in train_batch["labels"])
@@ -195,7 +198,7 @@ def test_voc_config_is_the_coco_recipe_with_two_micro_batches():
     voc_config.get_config("huge")
 
 
-@pytest.mark.slow  # ~30 s of CPU (compiles), minutes on a busy machine
+# One short training run of the VOC recipe (tiny backbone), in the default run.
 def test_tiny_training_run_on_mock_voc(tmp_path):
   c = voc_config.get_config()
   c.data = voc_data_config(tmp_path)

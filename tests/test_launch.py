@@ -498,7 +498,7 @@ def test_local_command_not_found(tmp_path):
   assert result.returncode == 2 and "command not found: 'no-such-trainer'" in result.stderr
 
 
-@pytest.mark.slow
+
 def test_local_two_jax_processes(tmp_path):
   """Two real JAX processes find each other through the flags local.sh appends (~5-10 s)."""
   script = textwrap.dedent("""\
