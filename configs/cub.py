@@ -19,22 +19,11 @@ The ``tiny`` variant keeps the recipe's switches (CUB transforms, concept-only l
 masking, extra-label evaluation) with a tiny ResNet at 64^2, for tests on a fixture.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from ctran_jax.config_util import load_sibling
 
-def _sibling(name: str):
-  """Load configs/<name>.py by path, so this file works from any working directory."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"ctran_jax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-default = _sibling("default")
+default = load_sibling(__file__, "default")
 
 NUM_CONCEPTS = 112
 

@@ -25,22 +25,11 @@ The ``tiny`` variant keeps every recipe switch with a tiny backbone and 64^2 inp
 demo dataset, so the recipe's code paths run in CI.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from ctran_jax.config_util import load_sibling
 
-def _sibling(name: str):
-  """Load configs/<name>.py by path, so this file works from any working directory."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"ctran_jax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-coco = _sibling("coco")
+coco = load_sibling(__file__, "coco")
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ctran_jax.models.resnet import BN_MOMENTUM, BatchNorm
+from ctran_jax.models.resnet import BatchNorm
 from ctran_jax.numerics import at_least_float32
 
 BN_EPSILON = 1e-3  # torchvision's BasicConv2d; ResNet uses 1e-5
@@ -45,29 +45,9 @@ def _uniform(bound: float):
 
 
 class InceptionBatchNorm(BatchNorm):
-  """The ResNet BatchNorm (torch semantics, train/frozen modes) with torchvision's eps 1e-3.
-
-  ``resnet.BatchNorm`` hard-codes eps 1e-5, hence the copied ``__call__``; an ``epsilon``
-  argument there would make this subclass unnecessary.
-  """
+  """The ResNet BatchNorm (torch semantics, train/frozen modes) with torchvision's eps 1e-3."""
 
   epsilon = BN_EPSILON
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = at_least_float32(x)
-    if self.mode == "frozen" or self.use_running_average:
-      mean, var = self.mean[...], self.var[...]
-    else:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x32, axes)
-      var = jnp.mean(jnp.square(x32 - mean), axes)
-      n = x32.size // x32.shape[-1]
-      unbiased = var * (n / max(n - 1, 1))
-      self.mean[...] = (1 - BN_MOMENTUM) * self.mean[...] + BN_MOMENTUM * mean
-      self.var[...] = (1 - BN_MOMENTUM) * self.var[...] + BN_MOMENTUM * unbiased
-    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-    y = (x32 - mean) * inv + self.bias[...]
-    return y.astype(self.dtype)
 
 
 class BasicConv2d(nnx.Module):

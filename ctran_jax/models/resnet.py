@@ -51,6 +51,8 @@ class BatchNorm(nnx.Module):
   float32; under ``jax.jit`` with a batch-sharded input they are global-batch statistics.
   """
 
+  epsilon = BN_EPSILON  # torch's default; subclasses change it (Inception-v3: 1e-3)
+
   def __init__(self, num_features: int, *, mode: str = "train", dtype=jnp.float32):
     if mode not in BN_MODES:
       raise ValueError(f"BatchNorm mode must be one of {BN_MODES}, got {mode!r}")
@@ -80,7 +82,7 @@ class BatchNorm(nnx.Module):
       unbiased = var * (n / max(n - 1, 1))
       self.mean[...] = (1 - BN_MOMENTUM) * self.mean[...] + BN_MOMENTUM * mean
       self.var[...] = (1 - BN_MOMENTUM) * self.var[...] + BN_MOMENTUM * unbiased
-    inv = jax.lax.rsqrt(var + BN_EPSILON) * self.scale[...]
+    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
     y = (x32 - mean) * inv + self.bias[...]
     return y.astype(self.dtype)
 
