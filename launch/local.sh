@@ -14,6 +14,10 @@ if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
   exit 2
 fi
 
+LAUNCHER=local.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 usage() {
   cat <<'EOF'
 Usage: launch/local.sh [options] [-- COMMAND [ARGS...]]
@@ -49,34 +53,6 @@ Examples:
       python -m ctran_jax.main --config=configs/default.py --workdir=/tmp/w \
       --config.num_train_steps=20
 EOF
-}
-
-die() {
-  echo "local.sh: error: $*" >&2
-  echo "Run launch/local.sh --help for the options." >&2
-  exit 2
-}
-
-# A word as the shell would need it typed: unquoted when safe, else in single quotes.
-quote() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
-
-need_value() {  # need_value OPTION "$#"
-  (($2 >= 2)) || die "$1 needs a value"
 }
 
 is_int() { [[ $1 =~ ^[0-9]+$ ]]; }

@@ -7,6 +7,10 @@ if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
   exit 2
 fi
 
+LAUNCHER=slurm.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 JOB_SCRIPT=$REPO_DIR/launch/slurm.sbatch
 
@@ -34,34 +38,6 @@ Example:
       --config=configs/coco.py --workdir=/shared/runs/coco \
       --data-dir=/shared/tensorflow_datasets -- --config.batch_size=64
 EOF
-}
-
-die() {
-  echo "slurm.sh: error: $*" >&2
-  echo "Run launch/slurm.sh --help for the options." >&2
-  exit 2
-}
-
-# A word as the shell would need it typed: unquoted when safe, else in single quotes.
-quote() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
-
-need_value() {  # need_value OPTION "$#"
-  (($2 >= 2)) || die "$1 needs a value"
 }
 
 is_count() { [[ $1 =~ ^[0-9]+$ ]] && (($1 >= 1)); }

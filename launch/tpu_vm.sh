@@ -11,6 +11,10 @@ if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
   exit 2
 fi
 
+LAUNCHER=tpu_vm.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # On the workers; the ~ is left for the remote shell to expand.
 # shellcheck disable=SC2088
@@ -64,31 +68,7 @@ Example (a v4-32 slice, 4 hosts):
 EOF
 }
 
-die() {
-  echo "tpu_vm.sh: error: $*" >&2
-  echo "Run launch/tpu_vm.sh --help for the options." >&2
-  exit 2
-}
-
 warn() { echo "tpu_vm.sh: warning: $*" >&2; }
-
-# A word as the shell would need it typed: unquoted when safe, else in single quotes.
-quote() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
 
 dry_run=0
 
@@ -100,10 +80,6 @@ run() {  # run ARGV...: execute, or print it quoted under --dry-run
     echo "+ $(quote_all "$@")" >&2
     "$@"
   fi
-}
-
-need_value() {  # need_value OPTION "$#"
-  (($2 >= 2)) || die "$1 needs a value"
 }
 
 # ---------------------------------------------------------------------------------------

