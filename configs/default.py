@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.ffn_dim = 0               # 0: = hidden (reference)
   c.model.dropout = 0.1
   c.model.use_lmt = True
+  c.model.train_unknown_state = False  # True: the unknown state's embedding learns (ref: fixed)
   c.model.pos_emb = False
   c.model.image_tokens = True
   c.model.bn_mode = "train"         # "train" (reference) or "frozen"
@@ -62,9 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.lmt = ml_collections.ConfigDict()
   c.lmt.max_known_fraction = 0.75   # known labels per example ~ U{0..floor(0.75 M)}
   c.lmt.num_maskable = 0            # M: only the first M labels may be known (0: all L)
+  c.lmt.all_unknown_fraction = 0.0  # share of examples shown no label (0: reference law)
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.reduction = "mean"         # "sum" (reference) or "mean" over unknown entries
+  c.loss.reduction = "mean"         # "sum" (reference) or "mean" over the entries in the loss
+  c.loss.labels = "unknown"         # entries in the loss: "unknown" (reference) or "all"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"         # adam | adamw | sgd

@@ -59,15 +59,25 @@ def max_known_labels(num_labels: int, max_known_fraction: float) -> int:
 _TRAIN, _EVAL = 1, 2  # stream tags, so train and eval masks never share hash inputs
 
 
+_ALL_UNKNOWN = 4  # stream tag of the "this example shows no label" coin
+
+
 def train_states(labels, example_ids, *, step: int, seed: int,
-                 max_known_fraction: float = 0.75, num_maskable: int = 0) -> np.ndarray:
+                 max_known_fraction: float = 0.75, num_maskable: int = 0,
+                 all_unknown_fraction: float = 0.0) -> np.ndarray:
   """LMT states for a training batch (the reference rule, made deterministic).
 
   Per example: the number of known labels is uniform over 0..floor(f * M) inclusive and the
   known set is a uniform random subset of that size of the first M labels; known labels show
   their true state.  M = ``num_maskable`` (0: all L labels); labels past M are always
   unknown (CUB: the 112 concepts can be revealed, the 200 class labels never).
+
+  ``all_unknown_fraction`` p mixes in regular inference: each example, by its own coin,
+  shows no label with probability p and follows the rule above otherwise (p = 0 is the
+  reference law, unchanged draw for draw; the coin is a separate hash stream).
   """
+  if not 0.0 <= all_unknown_fraction <= 1.0:
+    raise ValueError(f"all_unknown_fraction must be in [0, 1], got {all_unknown_fraction}")
   labels = np.asarray(labels)
   ids = np.asarray(example_ids).astype(np.uint64)[:, None]
   num_labels = labels.shape[-1]
@@ -77,6 +87,9 @@ def train_states(labels, example_ids, *, step: int, seed: int,
   upper = max_known_labels(maskable, max_known_fraction)
   count_u = _uniform(_TRAIN, seed, step, ids, maskable)[:, 0]
   num_known = np.minimum((count_u * (upper + 1)).astype(np.int64), upper)
+  if all_unknown_fraction > 0:
+    coin = _uniform(_ALL_UNKNOWN, seed, step, ids)[:, 0]
+    num_known = np.where(coin < all_unknown_fraction, 0, num_known)
   scores = _uniform(_TRAIN, seed, step, ids, np.arange(maskable, dtype=np.uint64))
   known = _known_subset(scores, num_known)
   if maskable < num_labels:

@@ -60,7 +60,8 @@ def model_config(model: nnx.Module) -> dict:
     config = {"kind": "ctran", "num_labels": model.num_labels, "hidden": model.hidden,
               "heads": layer.heads, "layers": len(model.encoder),
               "ffn_dim": layer.linear1.out_features, "dropout": layer.dropout1.rate,
-              "use_lmt": model.use_lmt, "pos_emb": model.pos_emb,
+              "use_lmt": model.use_lmt, "train_unknown_state": model.train_unknown_state,
+              "pos_emb": model.pos_emb,
               "image_tokens": model.image_tokens, "backbone": model.backbone_kind}
     if model.backbone_kind == "resnet":  # an old model.json without "backbone" means this
       config.update({"backbone_depth": bb.depth, "backbone_width": bb.width,

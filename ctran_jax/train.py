@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from ctran_jax import augment, checkpoint, evaluate, label_mask, metrics, model_store, sharding
 from ctran_jax.data import pipeline
-from ctran_jax.losses import REDUCTIONS, masked_bce
+from ctran_jax.losses import LOSS_LABELS, REDUCTIONS, loss_weights, masked_bce
 from ctran_jax.models import BACKBONES
 from ctran_jax.models.remat import CHOICES as REMAT_CHOICES
 from ctran_jax.models.remat import set_remat
@@ -50,6 +50,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   one_of("optimizer.name", config.optimizer.name, OPTIMIZERS)
   one_of("schedule.name", config.schedule.name, SCHEDULES)
   one_of("loss.reduction", config.loss.reduction, REDUCTIONS)
+  one_of("loss.labels", config.loss.labels, LOSS_LABELS)
   one_of("model.bn_mode", config.model.bn_mode, BN_MODES)
   one_of("model.dtype", config.model.dtype, DTYPES)
   one_of("model.backbone", config.model.backbone, BACKBONES)
@@ -78,6 +79,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
+  if not 0.0 <= config.lmt.all_unknown_fraction <= 1.0:
+    raise ValueError(f"config.lmt.all_unknown_fraction={config.lmt.all_unknown_fraction}; "
+                     "expected a value in [0, 1]")
   if not 0.0 <= config.lmt.max_known_fraction <= 1.0:
     raise ValueError(f"config.lmt.max_known_fraction={config.lmt.max_known_fraction}; "
                      "expected a value in [0, 1]")
@@ -103,6 +107,7 @@ def model_kwargs(config: ml_collections.ConfigDict, num_labels: int) -> dict:
     return {"kind": "ctran", "num_labels": num_labels, "backbone": m.backbone,
             "hidden": m.hidden, "heads": m.heads, "layers": m.layers,
             "ffn_dim": m.ffn_dim or None, "dropout": m.dropout, "use_lmt": m.use_lmt,
+            "train_unknown_state": m.train_unknown_state,
             "pos_emb": m.pos_emb, "image_tokens": m.image_tokens}
   return {"kind": "ctran", "num_labels": num_labels, "backbone_depth": m.backbone_depth,
           "backbone_width": m.backbone_width,
@@ -111,6 +116,7 @@ def model_kwargs(config: ml_collections.ConfigDict, num_labels: int) -> dict:
           "backbone_block": m.backbone_block if m.backbone_depth == 0 else None,
           "hidden": m.hidden, "heads": m.heads, "layers": m.layers,
           "ffn_dim": m.ffn_dim or None, "dropout": m.dropout, "use_lmt": m.use_lmt,
+          "train_unknown_state": m.train_unknown_state,
           "pos_emb": m.pos_emb, "image_tokens": m.image_tokens}
 
 
@@ -191,7 +197,7 @@ def _reseed(rng_state, key):
 
 
 def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_steps: int,
-                    finish_images=None):
+                    finish_images=None, labels_in_loss: str = "unknown"):
   """(state, rng_state, batch, lr_scale) -> (state, metrics); batch has image/labels/states.
 
   ``finish_images(batch) -> images``, when given, turns the batch's raw image fields into
@@ -210,7 +216,8 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_
 
     def loss_fn(model):
       logits = model(images, micro["states"])
-      return masked_bce(logits, micro["labels"], micro["states"], reduction="sum") / denominator
+      return masked_bce(logits, micro["labels"], micro["states"], reduction="sum",
+                        labels_in_loss=labels_in_loss) / denominator
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     return loss, grads, nnx.state(model, nnx.BatchStat)
@@ -218,9 +225,9 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_
   def train_step(state, rng_state, batch, lr_scale):
     step = state["step"]
     key = jax.random.fold_in(jax.random.key(seed), step)
-    unknown = jnp.sum(batch["states"] == label_mask.UNKNOWN)
+    in_loss = jnp.sum(loss_weights(batch["states"], labels_in_loss))
     denominator = (jnp.float32(1.0) if reduction == "sum"
-                   else jnp.maximum(unknown, 1).astype(jnp.float32))
+                   else jnp.maximum(in_loss, 1).astype(jnp.float32))
     params, batch_stats = state["params"], state["batch_stats"]
     if accum_steps == 1:
       loss, grads, batch_stats = micro_loss(params, batch_stats, rng_state, batch, key,
@@ -247,7 +254,7 @@ def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_
     updates = jax.tree.map(lambda u: u * lr_scale, updates)
     new_state = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
                  "opt_state": opt_state, "step": step + 1}
-    metrics = {"loss": loss, "bce_per_unknown": loss * denominator / jnp.maximum(unknown, 1),
+    metrics = {"loss": loss, "bce_per_unknown": loss * denominator / jnp.maximum(in_loss, 1),
                "grad_norm": optax.tree.norm(grads), "lr": schedule(step) * lr_scale}
     return new_state, metrics
 
@@ -349,7 +356,7 @@ def jit_train_step(config, graphdef, tx, schedule, mesh, state):
   state_sh, repl = state_shardings(config, mesh, state), sharding.replicated(mesh)
   step = make_train_step(graphdef, tx, schedule, seed=config.seed,
                          reduction=config.loss.reduction, accum_steps=config.grad_accum_steps,
-                         finish_images=image_finisher(config))
+                         finish_images=image_finisher(config), labels_in_loss=config.loss.labels)
   return jax.jit(step, in_shardings=(state_sh, repl, sharding.batch_sharding(mesh), repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,))
 
@@ -477,7 +484,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     local["states"] = (label_mask.train_states(
         local["labels"], local["example_id"], step=step, seed=config.seed,
         max_known_fraction=config.lmt.max_known_fraction,
-        num_maskable=config.lmt.num_maskable) if config.model.use_lmt
+        num_maskable=config.lmt.num_maskable,
+        all_unknown_fraction=config.lmt.all_unknown_fraction) if config.model.use_lmt
         else np.full(local["labels"].shape, label_mask.UNKNOWN, np.int32))
     batch = sharding.global_batch(
         {k: local[k] for k in ("image", "labels", "states", "window", "flip") if k in local},

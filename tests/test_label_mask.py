@@ -109,3 +109,23 @@ def test_extra_label_states_give_whole_visible_groups_nested_by_count():
   with pytest.raises(ValueError, match="num_known_groups"):
     label_mask.extra_label_states(labels, visible, concept_groups=groups, num_known_groups=5,
                                   num_groups=4)
+
+
+def test_all_unknown_mixture_keeps_the_reference_law_for_the_rest():
+  n, num_labels = 40_000, 10
+  labels, ids = _labels(n, num_labels), np.arange(n)
+  reference = label_mask.train_states(labels, ids, step=3, seed=0)
+  np.testing.assert_array_equal(
+      reference, label_mask.train_states(labels, ids, step=3, seed=0, all_unknown_fraction=0.0))
+  mixed = label_mask.train_states(labels, ids, step=3, seed=0, all_unknown_fraction=0.5)
+  shown = np.any(mixed != label_mask.UNKNOWN, axis=1)
+  # Examples not hit by the coin keep their reference states exactly; the others show none.
+  np.testing.assert_array_equal(mixed[shown], reference[shown])
+  counts = np.sum(mixed != label_mask.UNKNOWN, axis=1)
+  # P(no label) = 0.5 + 0.5 * 1/8; every other count keeps half its reference share.
+  freq = np.bincount(counts, minlength=8) / n
+  np.testing.assert_allclose(freq, [0.5 + 0.5 / 8] + [0.5 / 8] * 7, atol=0.01)
+  assert not np.any(label_mask.train_states(labels, ids, step=3, seed=0,
+                                            all_unknown_fraction=1.0) != label_mask.UNKNOWN)
+  with pytest.raises(ValueError, match="all_unknown_fraction"):
+    label_mask.train_states(labels, ids, step=3, seed=0, all_unknown_fraction=1.5)

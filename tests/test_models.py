@@ -134,6 +134,12 @@ def test_unknown_state_row_is_not_trained(tiny_model):
   assert np.all(table_grad[0] == 0.0)
   assert np.abs(table_grad[1:]).min(axis=1).max() > 0
 
+  learnt = tiny_ctran(train_unknown_state=True)
+  nnx.update(learnt, nnx.state(tiny_model))
+  np.testing.assert_array_equal(learnt(images, states), tiny_model(images, states))
+  table_grad = nnx.jit(nnx.grad(loss))(learnt)["state_embedding"]["embedding"][...]
+  assert np.abs(table_grad[0]).max() > 0
+
 
 def test_bfloat16_runs_and_tracks_float32(tiny_model):
   images, states = random_inputs()

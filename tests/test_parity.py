@@ -110,8 +110,15 @@ def test_summed_bce_losses(outputs, golden, size):
   logits = outputs[size]["mask"]["logits"]
   unknown_only = masked_bce(logits, golden["labels"], golden["mask"], reduction="sum")
   all_labels = masked_bce(logits, golden["labels"], reduction="sum")
+  # loss.labels="all" (the reference's --loss_labels all): known entries count too.
+  all_with_states = masked_bce(logits, golden["labels"], golden["mask"], reduction="sum",
+                               labels_in_loss="all")
   np.testing.assert_allclose(unknown_only, golden[f"loss_unk_sum_{size}"], rtol=1e-5)
   np.testing.assert_allclose(all_labels, golden[f"loss_all_sum_{size}"], rtol=1e-5)
+  np.testing.assert_allclose(all_with_states, golden[f"loss_all_sum_{size}"], rtol=1e-5)
+  mean_all = masked_bce(logits, golden["labels"], golden["mask"], reduction="mean",
+                        labels_in_loss="all")
+  np.testing.assert_allclose(mean_all, golden[f"loss_all_sum_{size}"] / logits.size, rtol=1e-5)
   # The reference's run_epoch reports the sum divided by the number of samples.
   np.testing.assert_allclose(unknown_only / len(logits), golden[f"runepoch_loss_unk_{size}"],
                              rtol=1e-5)

@@ -3,7 +3,8 @@
 Label states follow the reference's mask convention: ``-1`` unknown, ``0`` known negative,
 ``1`` known positive.  The state embedding table has rows [unknown, negative, positive]
 (index = state + 1); the unknown row is a random vector that never trains (the reference
-declares it ``padding_idx`` but re-initialises it, so it is not zero).
+declares it ``padding_idx`` but re-initialises it, so it is not zero), unless
+``train_unknown_state`` asks for it to be learnt like the other rows.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class CTran(nnx.Module):
       backbone's channels differ from it.
     heads, layers, ffn_dim (default = hidden), dropout: the encoder.
     use_lmt: add state embeddings to label tokens (else ``label_states`` is ignored).
+    train_unknown_state: let the unknown row of the state table train (the reference keeps
+      it at its random initial value).
     pos_emb: add a 2-D sine/cosine position embedding to image tokens (off = reference).
     image_tokens: include image tokens (off = the label-only ablation).
     bn_mode: "train" (batch statistics in ``train()``, as the reference) or "frozen".
@@ -83,7 +86,8 @@ class CTran(nnx.Module):
                backbone_width: int = 64,
                backbone_stage_sizes=None, backbone_block=None, hidden: int = 2048,
                heads: int = 4, layers: int = 3, ffn_dim: int | None = None,
-               dropout: float = 0.1, use_lmt: bool = True, pos_emb: bool = False,
+               dropout: float = 0.1, use_lmt: bool = True,
+               train_unknown_state: bool = False, pos_emb: bool = False,
                image_tokens: bool = True, bn_mode: str = "train", dtype=jnp.float32,
                rngs: nnx.Rngs):
     if num_labels < 1:
@@ -94,6 +98,7 @@ class CTran(nnx.Module):
       raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     self.num_labels, self.hidden = num_labels, hidden
     self.use_lmt, self.pos_emb, self.image_tokens = use_lmt, pos_emb, image_tokens
+    self.train_unknown_state = train_unknown_state
     self.dtype = dtype
     self.backbone_kind = backbone
     if backbone == "inception_v3":
@@ -144,8 +149,9 @@ class CTran(nnx.Module):
                               (batch_size, self.num_labels, self.hidden))
     if self.use_lmt:
       table = self.state_embedding.embedding[...]
-      # The unknown row is fixed: it takes part in the forward pass, never in training.
-      table = jnp.concatenate([jax.lax.stop_gradient(table[:1]), table[1:]], axis=0)
+      if not self.train_unknown_state:
+        # The unknown row is fixed: it takes part in the forward pass, never in training.
+        table = jnp.concatenate([jax.lax.stop_gradient(table[:1]), table[1:]], axis=0)
       tokens = tokens + table[jnp.asarray(label_states).astype(jnp.int32) + 1]
     return tokens.astype(self.dtype)
 
