@@ -79,10 +79,10 @@ def bce_loss_per_example(logits: np.ndarray, labels: np.ndarray, states: np.ndar
 class Evaluator:
   """Runs the compiled prediction step over a split and computes the metrics."""
 
-  def __init__(self, graphdef, config, mesh, num_labels: int):
-    self.config, self.mesh, self.num_labels = config, mesh, num_labels
+  def __init__(self, graphdef, config, mesh, source: pipeline.DataSource):
+    self.config, self.mesh, self.source, self.meta = config, mesh, source, source.meta
+    self.num_labels = source.meta.num_labels
     self.fractions = tuple(config.eval.known_fractions)
-    self.meta = pipeline.dataset_meta(config.data)
     self.groups = tuple(config.eval.get("known_groups", ()))
     if self.groups and not (self.meta.concept_groups and self.meta.has_label_visible):
       raise ValueError(f"config.eval.known_groups={self.groups} needs a dataset with concept "
@@ -100,11 +100,11 @@ class Evaluator:
   def predictions(self, state, rng_state, split: str) -> dict[str, np.ndarray]:
     """Host arrays over the valid examples of `split`: logits (F, N, L), labels, states."""
     data = self.config.data
-    n_batches = pipeline.num_eval_batches(data, split, batch_size=self.local_batch,
+    n_batches = pipeline.num_eval_batches(self.source, split, batch_size=self.local_batch,
                                           process_count=jax.process_count())
     every = max(1, n_batches // 5) if n_batches >= 50 else n_batches + 1
     parts, start = [], time.perf_counter()
-    batches = pipeline.eval_dataset(data, split, batch_size=self.local_batch,
+    batches = pipeline.eval_dataset(self.source, split, batch_size=self.local_batch,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
     for i, local in enumerate(batches):

@@ -361,24 +361,24 @@ def jit_train_step(config, graphdef, tx, schedule, mesh, state):
                  out_shardings=(state_sh, repl), donate_argnums=(0,))
 
 
-def dataset_meta(config) -> pipeline.DatasetMeta:
-  """`pipeline.dataset_meta`; with several processes, process 0 prepares the data first.
+def open_data(config) -> pipeline.DataSource:
+  """`pipeline.open_source`; with several processes, process 0 prepares the data first.
 
   On shared storage the others then find a generated dataset ready instead of racing to
   write it; on per-host disks each prepares its own copy after process 0.
   """
   if jax.process_count() == 1:
-    return pipeline.dataset_meta(config.data)
-  meta = error = None
+    return pipeline.open_source(config.data)
+  source = error = None
   if jax.process_index() == 0:
     try:
-      meta = pipeline.dataset_meta(config.data)
+      source = pipeline.open_source(config.data)
     except Exception as e:  # noqa: BLE001 - re-raised after the barrier, so no one hangs
       error = e
-  multihost_utils.sync_global_devices("ctran_jax.train.dataset_meta")
+  multihost_utils.sync_global_devices("ctran_jax.train.open_data")
   if error is not None:
     raise error
-  return meta or pipeline.dataset_meta(config.data)
+  return source or pipeline.open_source(config.data)
 
 
 def tensorboard_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -415,7 +415,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Mesh and data.
   mesh = make_mesh(config)
-  meta = dataset_meta(config)
+  source = open_data(config)
+  meta = source.meta
   num_labels = meta.num_labels
   train_size = meta.split_sizes[config.data.train_split]
   num_steps = total_train_steps(config, train_size)
@@ -459,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Compiled steps.
   train_step = jit_train_step(config, graphdef, tx, schedule, mesh, state)
-  evaluator = evaluate.Evaluator(graphdef, config, mesh, num_labels)
+  evaluator = evaluate.Evaluator(graphdef, config, mesh, source)
   reports = {}  # split -> (step, report) of its latest evaluation
 
   def run_evaluation(split, step):
@@ -472,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Loop.
   train_iter = pipeline.train_dataset(
-      config.data, batch_size=local_batch, seed=config.seed, start_step=start_step,
+      source, batch_size=local_batch, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   pending, last_log_time, last_log_step = [], time.perf_counter(), start_step
@@ -552,14 +553,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   writer = tensorboard_writer(workdir)
   directory, step = checkpoint.resolve(workdir, which)
   mesh = make_mesh(config)
-  meta = dataset_meta(config)
+  source = open_data(config)
+  meta = source.meta
   num_steps = total_train_steps(config, meta.split_sizes[config.data.train_split])
   graphdef, state, rng_state, _, _ = abstract_train_state(config, mesh, meta.num_labels,
                                                           num_steps)
   state, _ = checkpoint.restore(directory, step, state, num_labels=meta.num_labels,
                                 model_config=stored_model_config(
                                     model_kwargs(config, meta.num_labels)))
-  evaluator = evaluate.Evaluator(graphdef, config, mesh, meta.num_labels)
+  evaluator = evaluate.Evaluator(graphdef, config, mesh, source)
   reports = {}
   for split in dict.fromkeys((config.data.eval_split, config.data.test_split)):
     if split:

@@ -15,11 +15,11 @@ import tensorflow_datasets as tfds
 
 from ctran_jax.data import demo, pipeline
 from ctran_jax.data.pipeline import (
-    dataset_meta,
-    default_data_config,
-    eval_dataset,
-    num_eval_batches,
-    train_dataset,
+  default_data_config,
+  eval_dataset,
+  num_eval_batches,
+  open_source,
+  train_dataset,
 )
 
 TINY = "ctran_demo/tiny"
@@ -55,7 +55,7 @@ def take(iterator, n):
 
 
 def test_two_builds_are_identical(data_dir, tmp_path):
-  dataset_meta(config(str(tmp_path)))
+  open_source(config(str(tmp_path)))
   for split in SIZES:
     a, b = read_split(data_dir, split), read_split(str(tmp_path), split)
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -63,7 +63,7 @@ def test_two_builds_are_identical(data_dir, tmp_path):
 
 
 def test_meta_and_split_sizes(data_dir):
-  meta = dataset_meta(config(data_dir))
+  meta = open_source(config(data_dir)).meta
   assert meta.split_sizes == SIZES
   assert meta.num_labels == len(meta.label_names) == len(demo.LABEL_NAMES) >= 16
   assert meta.label_names == demo.LABEL_NAMES
@@ -101,7 +101,7 @@ def test_images_look_generated(data_dir):
 
 def test_unknown_dataset_is_named(data_dir):
   with pytest.raises(ValueError, match=r"no_such_set.*ctran_demo"):
-    dataset_meta(default_data_config(name="no_such_set", data_dir=data_dir))
+    open_source(default_data_config(name="no_such_set", data_dir=data_dir))
 
 
 class ManualMultilabel(tfds.core.GeneratorBasedBuilder):
@@ -123,13 +123,13 @@ class ManualMultilabel(tfds.core.GeneratorBasedBuilder):
 
 def test_dataset_without_multi_hot_labels_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"mnist.*'labels'"):
-    dataset_meta(default_data_config(name="mnist", data_dir=str(tmp_path)))
+    open_source(default_data_config(name="mnist", data_dir=str(tmp_path)))
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match=r"(?s)manual_multilabel.*ctran_jax.data.prepare manual_multilabel"):
-    dataset_meta(default_data_config(name="manual_multilabel", data_dir=str(tmp_path)))
+    open_source(default_data_config(name="manual_multilabel", data_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -140,7 +140,7 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
 ])
 def test_bad_transform_configs(data_dir, overrides, message):
   with pytest.raises(ValueError, match=message):
-    train_dataset(config(data_dir, **overrides), batch_size=8, seed=0)
+    train_dataset(open_source(config(data_dir, **overrides)), batch_size=8, seed=0)
 
 
 def test_unknown_config_field():
@@ -152,7 +152,7 @@ def test_unknown_config_field():
 
 
 def test_train_batch_shapes_dtypes_and_range(data_dir):
-  batch = next(train_dataset(config(data_dir), batch_size=16, seed=0))
+  batch = next(train_dataset(open_source(config(data_dir)), batch_size=16, seed=0))
   assert batch["image"].shape == (16, 64, 64, 3) and batch["image"].dtype == np.float32
   assert batch["labels"].shape == (16, len(demo.LABEL_NAMES)) and batch["labels"].dtype == np.int32
   assert batch["example_id"].shape == (16,) and batch["example_id"].dtype == np.int64
@@ -166,7 +166,7 @@ def test_identity_augmentation_reproduces_the_images(data_dir):
   cfg = config(data_dir, scale_size=64, crop_sizes=(64,))
   raw = read_split(data_dir, "train")
   by_id = {i: k for k, i in enumerate(raw["example_id"])}
-  batch = next(train_dataset(cfg, batch_size=32, seed=3))
+  batch = next(train_dataset(open_source(cfg), batch_size=32, seed=3))
   mirrored = 0
   for image, labels, example_id in zip(batch["image"], batch["labels"], batch["example_id"],
                                        strict=True):
@@ -181,9 +181,9 @@ def test_identity_augmentation_reproduces_the_images(data_dir):
 
 def test_train_is_deterministic_and_seeded(data_dir):
   cfg = config(data_dir)
-  a = take(train_dataset(cfg, batch_size=32, seed=0), 3)
-  b = take(train_dataset(cfg, batch_size=32, seed=0), 3)
-  c = take(train_dataset(cfg, batch_size=32, seed=1), 3)
+  a = take(train_dataset(open_source(cfg), batch_size=32, seed=0), 3)
+  b = take(train_dataset(open_source(cfg), batch_size=32, seed=0), 3)
+  c = take(train_dataset(open_source(cfg), batch_size=32, seed=1), 3)
   for x, y in zip(a, b, strict=True):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
@@ -193,9 +193,10 @@ def test_train_is_deterministic_and_seeded(data_dir):
 def test_resume_equals_skipping_batches_across_epochs(data_dir):
   cfg = config(data_dir)
   steps_per_epoch = 240 // 32  # 7: an epoch boundary falls between batches 6 and 7
-  reference = take(train_dataset(cfg, batch_size=32, seed=5), 10)
+  reference = take(train_dataset(open_source(cfg), batch_size=32, seed=5), 10)
   for start in (5, 7, 9):
-    resumed = take(train_dataset(cfg, batch_size=32, seed=5, start_step=start), 10 - start)
+    resumed = take(train_dataset(open_source(cfg), batch_size=32, seed=5, start_step=start),
+                   10 - start)
     for x, y in zip(reference[start:], resumed, strict=True):
       for key in x:
         np.testing.assert_array_equal(x[key], y[key])
@@ -209,7 +210,7 @@ def test_resume_equals_skipping_batches_across_epochs(data_dir):
 def test_train_shards_are_disjoint(data_dir):
   cfg = config(data_dir)
   ids = [np.concatenate([b["example_id"] for b in take(
-      train_dataset(cfg, batch_size=30, seed=0, process_index=p, process_count=2), 4)])
+      train_dataset(open_source(cfg), batch_size=30, seed=0, process_index=p, process_count=2), 4)])
          for p in range(2)]
   assert len(set(ids[0])) == len(set(ids[1])) == 120  # one epoch of each 120-example shard
   assert not set(ids[0]) & set(ids[1])
@@ -219,8 +220,8 @@ def test_train_shards_are_disjoint(data_dir):
 
 
 def eval_ids(cfg, split, batch_size, process_index=0, process_count=1):
-  batches = list(eval_dataset(cfg, split, batch_size=batch_size, process_index=process_index,
-                              process_count=process_count))
+  batches = list(eval_dataset(open_source(cfg), split, batch_size=batch_size,
+                              process_index=process_index, process_count=process_count))
   valid = np.concatenate([b["valid"] for b in batches])
   ids = np.concatenate([b["example_id"] for b in batches])
   return batches, ids[valid]
@@ -229,7 +230,8 @@ def eval_ids(cfg, split, batch_size, process_index=0, process_count=1):
 def test_eval_pads_the_last_batch(data_dir):
   cfg = config(data_dir)
   batches, ids = eval_ids(cfg, "validation", 16)
-  assert len(batches) == num_eval_batches(cfg, "validation", batch_size=16, process_count=1)
+  assert len(batches) == num_eval_batches(open_source(cfg), "validation", batch_size=16,
+                                          process_count=1)
   assert len(batches) == 4
   assert sorted(ids) == sorted(read_split(data_dir, "validation")["example_id"])
   last = batches[-1]
@@ -242,7 +244,7 @@ def test_eval_pads_the_last_batch(data_dir):
 def test_eval_transform_without_resize_is_plain_normalisation(data_dir):
   cfg = config(data_dir, scale_size=64, crop_sizes=(64,))
   raw = read_split(data_dir, "validation")
-  batch = next(eval_dataset(cfg, "validation", batch_size=60))
+  batch = next(eval_dataset(open_source(cfg), "validation", batch_size=60))
   assert batch["valid"].all()
   np.testing.assert_array_equal(batch["example_id"], raw["example_id"])
   np.testing.assert_array_equal(batch["labels"], raw["labels"])
@@ -267,7 +269,7 @@ def test_eval_is_repeatable_and_ids_do_not_depend_on_batch_size(data_dir):
 def test_eval_shards_cover_the_split_once_in_lockstep(data_dir, split, process_count,
                                                       batch_size, expected):
   cfg = config(data_dir)
-  assert num_eval_batches(cfg, split, batch_size=batch_size,
+  assert num_eval_batches(open_source(cfg), split, batch_size=batch_size,
                           process_count=process_count) == expected
   all_ids, whole_padding_batches = [], 0
   for p in range(process_count):

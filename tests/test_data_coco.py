@@ -277,11 +277,11 @@ def coco_data_config(data_dir):
 def test_pipeline_yields_the_expected_labels(coco_zip):
   _, data_dir, _, builder = coco_zip
   config = coco_data_config(data_dir)
-  meta = pipeline.dataset_meta(config)
+  meta = pipeline.open_source(config).meta
   assert meta.num_labels == 80 and list(meta.label_names) == NAMES
   assert meta.split_sizes == {"train2014": 8, "val2014": 5}
 
-  batches = pipeline.train_dataset(config, batch_size=4, seed=0)
+  batches = pipeline.train_dataset(pipeline.open_source(config), batch_size=4, seed=0)
   seen = []
   for _ in range(2):  # one epoch: every training image once
     batch = next(batches)
@@ -292,7 +292,7 @@ def test_pipeline_yields_the_expected_labels(coco_zip):
 
   # Eval reads the split in file order: match rows to image ids by that order.
   order = [int(ex["image/id"]) for ex in read_split(builder, "val2014")]
-  batches = list(pipeline.eval_dataset(config, "val2014", batch_size=4))
+  batches = list(pipeline.eval_dataset(pipeline.open_source(config), "val2014", batch_size=4))
   assert len(batches) == 2
   labels = np.concatenate([b["labels"] for b in batches])
   valid = np.concatenate([b["valid"] for b in batches])
@@ -457,14 +457,14 @@ def test_pipeline_reads_builtin_coco_through_the_adapter(tmp_path):
       crop_sizes=(40, 32), cache=False)
   with tfds.testing.mock_data(data_dir=str(tmp_path / "meta"),
                               as_dataset_fn=_builtin_as_dataset), _split_by_keyword():
-    meta = pipeline.dataset_meta(config)
+    meta = pipeline.open_source(config).meta
     assert meta.num_labels == 80 and list(meta.label_names) == NAMES
     assert meta.split_sizes == {"train": 6, "validation": 5}
-    batch = next(pipeline.train_dataset(config, batch_size=3, seed=0))
+    batch = next(pipeline.train_dataset(pipeline.open_source(config), batch_size=3, seed=0))
     assert batch["labels"].shape == (3, 80) and batch["image"].shape == (3, 32, 32, 3)
     train_rows = {tuple(expected(c)) for _, c in BUILTIN_TRAIN}
     assert all(tuple(row) in train_rows for row in batch["labels"])
-    batches = list(pipeline.eval_dataset(config, "validation", batch_size=4))
+    batches = list(pipeline.eval_dataset(pipeline.open_source(config), "validation", batch_size=4))
   labels = np.concatenate([b["labels"] for b in batches])
   assert labels.shape == (8, 80)
   np.testing.assert_array_equal(labels[:5], np.stack([expected(c) for _, c in BUILTIN_VAL]))

@@ -348,9 +348,9 @@ def test_pipeline_reads_the_labels(tgz_data_dir):
       name="ctran_cub/tiny", data_dir=tgz_data_dir, train_split="train",
       eval_split="validation", test_split="test", image_size=32, scale_size=40,
       crop_sizes=(40, 32))
-  meta = pipeline.dataset_meta(config)
+  meta = pipeline.open_source(config).meta
   assert meta.num_labels == 8 and meta.label_names[4:] == tuple(CLASS_NAMES)
-  batches = list(pipeline.eval_dataset(config, "validation", batch_size=2))
+  batches = list(pipeline.eval_dataset(pipeline.open_source(config), "validation", batch_size=2))
   assert len(batches) == 2
   images = np.concatenate([b["image"] for b in batches])
   labels = np.concatenate([b["labels"] for b in batches])
@@ -358,7 +358,7 @@ def test_pipeline_reads_the_labels(tgz_data_dir):
   assert images.shape == (4, 32, 32, 3) and valid.tolist() == [True, True, True, False]
   assert sorted(map(tuple, labels[valid].tolist())) == sorted(
       tuple(expected_labels(i)) for i in (3, 9, 15))
-  batch = next(pipeline.train_dataset(config, batch_size=3, seed=0))
+  batch = next(pipeline.train_dataset(pipeline.open_source(config), batch_size=3, seed=0))
   assert batch["image"].shape == (3, 32, 32, 3)
   train_rows = {tuple(expected_labels(i)) for i in (1, 2, 5, 6, 7, 10, 11, 13, 14)}
   assert set(map(tuple, batch["labels"].tolist())) <= train_rows

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ctran_jax.data import folder
-from ctran_jax.data.pipeline import dataset_meta, default_data_config
+from ctran_jax.data.pipeline import default_data_config, open_source
 
 NAME = "ctran_folder"
 
@@ -106,7 +106,7 @@ def test_csv_with_split_column(csv_dataset):
   assert metadata["images_without_labels"] == 1
   assert metadata["skipped_images"] == 0 and metadata["reencoded_images"] == 0
   assert metadata["split_rule"] == "column"
-  meta = dataset_meta(default_data_config(name=NAME, data_dir=data_dir))
+  meta = open_source(default_data_config(name=NAME, data_dir=data_dir)).meta
   assert meta.label_names == ("bird", "cat", "dog")
   assert meta.split_sizes == {"train": 3, "validation": 1, "test": 1}
 

@@ -268,13 +268,13 @@ def data_config(data_dir):
 def test_pipeline_yields_the_labels(built):
   _, data_dir, _ = built["zip"]
   data = data_config(data_dir)
-  meta = pipeline.dataset_meta(data)
+  meta = pipeline.open_source(data).meta
   assert meta.num_labels == 4 and meta.label_names == tuple(LABELS)
   assert meta.split_sizes == {"train": 5, "test": 3}
-  batch = next(pipeline.eval_dataset(data, "test", batch_size=4))
+  batch = next(pipeline.eval_dataset(pipeline.open_source(data), "test", batch_size=4))
   assert batch["valid"].tolist() == [True, True, True, False]
   assert sorted(map(tuple, batch["labels"][:3])) == sorted(tuple(EXPECTED[i]) for i in TEST_IDS)
-  train_batch = next(pipeline.train_dataset(data, batch_size=4, seed=0))
+  train_batch = next(pipeline.train_dataset(pipeline.open_source(data), batch_size=4, seed=0))
   # The recipe resizes on the device: the host ships the decoded crop in a 36^2 canvas.
   assert data.resize_on_device
   assert train_batch["image"].shape == (4, 36, 36, 3) and train_batch["image"].dtype == "uint8"

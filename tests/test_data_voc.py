@@ -161,10 +161,10 @@ def test_pipeline_reads_voc_through_the_adapter(tmp_path):
   assert (data.name, data.train_split, data.eval_split) == ("voc/2007", "train+validation",
                                                             "test")
   with mock_voc(tmp_path):
-    meta = pipeline.dataset_meta(data)
+    meta = pipeline.open_source(data).meta
     assert meta.num_labels == NUM_LABELS and meta.label_names == voc.VOC_LABELS
-    batches = list(pipeline.eval_dataset(data, "test", batch_size=3))
-    train_batch = next(pipeline.train_dataset(data, batch_size=4, seed=0))
+    batches = list(pipeline.eval_dataset(pipeline.open_source(data), "test", batch_size=3))
+    train_batch = next(pipeline.train_dataset(pipeline.open_source(data), batch_size=4, seed=0))
   assert len(batches) == 3  # 8 examples -> 3 batches of 3, one padding row
   labels = np.concatenate([b["labels"] for b in batches])
   valid = np.concatenate([b["valid"] for b in batches])

@@ -10,13 +10,14 @@ from ctran_jax.data.pipeline import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DatasetMeta,
-    dataset_meta,
+    DataSource,
     default_data_config,
     eval_dataset,
     num_eval_batches,
+    open_source,
     train_dataset,
 )
 
 __all__ = ["coco", "cub", "demo", "folder", "vg", "voc", "IMAGENET_MEAN", "IMAGENET_STD",
-           "DatasetMeta", "dataset_meta", "default_data_config", "eval_dataset",
-           "num_eval_batches", "train_dataset"]
+           "DatasetMeta", "DataSource", "default_data_config", "eval_dataset",
+           "num_eval_batches", "open_source", "train_dataset"]

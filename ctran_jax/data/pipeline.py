@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -140,19 +139,18 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
                      f"'labels' features works once its module is imported)") from e
 
 
-def prepared_builder(data_config) -> tfds.core.DatasetBuilder:
-  """The dataset's builder, with its data on disk: generated datasets are built here."""
-  name, data_dir = data_config.name, data_config.get("data_dir")
-  builder = _builder(name, data_dir)
+def _prepare(builder, adapter, data_config) -> None:
+  """Check the features and put the data on disk: generated datasets are built here."""
+  name, data_dir = data_config.name, data_config.data_dir
   features = builder.info.features
-  needed = ("image",) if adapters.adapter_for(builder) else ("image", "labels")
+  needed = ("image",) if adapter else ("image", "labels")
   for key in needed:
     if key not in features:
       raise ValueError(f"dataset {name!r} has no {key!r} feature (has {sorted(features)}); "
                        "the pipeline needs 'image' and multi-hot 'labels' (L,) (or an "
                        f"adapter: registered for {adapters.registered()})")
   if not builder.is_prepared():
-    if getattr(builder, "GENERATED", False) or data_config.get("prepare", False):
+    if getattr(builder, "GENERATED", False) or data_config.prepare:
       builder.download_and_prepare()
     else:
       raise FileNotFoundError(
@@ -161,18 +159,32 @@ def prepared_builder(data_config) -> tfds.core.DatasetBuilder:
           f"files> --data_dir={data_dir or '~/tensorflow_datasets'}\n"
           "(`python -m ctran_jax.data.prepare --help` lists the datasets and the files each "
           "needs; data.prepare=True builds on first use instead).")
-  return builder
 
 
-def dataset_meta(data_config) -> DatasetMeta:
-  """Label count, names and split sizes; prepares the dataset first if it is generated.
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """A dataset resolved once (builder with its data on disk, adapter, meta) for one data
+  config: the trainer and the evaluator share it instead of resolving the name again."""
+  config: ml_collections.ConfigDict
+  builder: tfds.core.DatasetBuilder
+  adapter: adapters.Adapter | None
+  meta: DatasetMeta
+  # Eval tf.data pipelines by (split, batch size, process): repeated evaluations reuse
+  # one in-memory cache of decoded images.
+  eval_cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
-  In a multi-process job on a shared filesystem, let one process prepare it first.
+
+def open_source(data_config) -> DataSource:
+  """Resolve ``data_config``: check the transform, prepare a generated dataset, read meta.
+
+  In a multi-process job on a shared filesystem, let one process open it first.
   """
-  builder = prepared_builder(data_config)
+  check_transform(data_config)
+  builder = _builder(data_config.name, data_config.data_dir)
+  adapter = adapters.adapter_for(builder)
+  _prepare(builder, adapter, data_config)
   info = builder.info
   metadata = dict(info.metadata or {})
-  adapter = adapters.adapter_for(builder)
   if adapter:
     num_labels, names = adapter.num_labels, adapter.label_names
   else:
@@ -181,20 +193,20 @@ def dataset_meta(data_config) -> DatasetMeta:
   if len(names) != num_labels:
     names = tuple(f"label_{i}" for i in range(num_labels))
   split_sizes = {k: int(v.num_examples) for k, v in info.splits.items()}
-  for split in (data_config.get("train_split"), data_config.get("eval_split"),
-                data_config.get("test_split")):
+  for split in (data_config.train_split, data_config.eval_split, data_config.test_split):
     if split and split not in split_sizes:  # expressions: "train+validation", "train[:90%]"
       try:
         split_sizes[split] = int(info.splits[split].num_examples)
       except (KeyError, ValueError) as e:
         raise ValueError(f"dataset {data_config.name!r} has no split {split!r} (splits: "
                          f"{sorted(info.splits)}): {e}") from None
-  return DatasetMeta(name=data_config.name, num_labels=num_labels, label_names=names,
+  meta = DatasetMeta(name=data_config.name, num_labels=num_labels, label_names=names,
                      split_sizes=split_sizes,
                      num_concepts=int(metadata.get("num_concepts", 0)),
                      concept_groups=tuple(int(g) for g in metadata.get("concept_groups", ())),
                      group_names=tuple(metadata.get("group_names", ())),
                      has_label_visible="label_visible" in info.features)
+  return DataSource(config=data_config, builder=builder, adapter=adapter, meta=meta)
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -403,12 +415,12 @@ def eval_image(image, data_config) -> tf.Tensor:
 # ------------------------------------------------------------------------------ reading
 
 
-def _read(builder, split, data_config) -> tf.data.Dataset:
+def _read(source: DataSource, split) -> tf.data.Dataset:
   """Records in file order as {example_id, image (decoded when cached, else bytes), labels}."""
+  builder, adapter = source.builder, source.adapter
   read_config = tfds.ReadConfig(add_tfds_id=True, try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  adapter = adapters.adapter_for(builder)
   has_visible = "label_visible" in builder.info.features
 
   def select(ex):
@@ -420,7 +432,7 @@ def _read(builder, split, data_config) -> tf.data.Dataset:
     return example
 
   ds = ds.map(select)
-  if data_config.get("cache", False):
+  if source.config.cache:
     ds = ds.map(functools.partial(_decode, builder), num_parallel_calls=_AUTOTUNE).cache()
   return ds
 
@@ -449,7 +461,7 @@ def _local_split(split, process_index, process_count, drop_remainder=False):
 # -------------------------------------------------------------------------------- train
 
 
-def train_dataset(data_config, *, batch_size: int, seed: int, start_step: int = 0,
+def train_dataset(source: DataSource, *, batch_size: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Endless per-process training batches {image, labels, example_id}, from ``start_step``.
@@ -462,8 +474,7 @@ def train_dataset(data_config, *, batch_size: int, seed: int, start_step: int = 
   """
   if batch_size < 1 or start_step < 0:
     raise ValueError(f"need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}")
-  check_transform(data_config)
-  builder = prepared_builder(data_config)
+  data_config, builder = source.config, source.builder
   # Equal shards give every process the same epoch length (at most process_count - 1 of the
   # split's examples are never used).
   split = _local_split(data_config.train_split, process_index, process_count,
@@ -475,7 +486,7 @@ def train_dataset(data_config, *, batch_size: int, seed: int, start_step: int = 
                      f"{num_examples} examples on process {process_index}, fewer than one "
                      f"batch of {batch_size}")
   first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
-  examples = _read(builder, split, data_config)
+  examples = _read(source, split)
   base_key = tf.random.experimental.stateless_fold_in(
       tf.constant([seed, 0], tf.int64), process_index)
 
@@ -512,31 +523,25 @@ def train_dataset(data_config, *, batch_size: int, seed: int, start_step: int = 
 # --------------------------------------------------------------------------------- eval
 
 
-def _local_sizes(data_config, split, process_count) -> list[int]:
-  builder = prepared_builder(data_config)
-  return [builder.info.splits[_local_split(split, i, process_count)].num_examples
-          for i in range(process_count)]
-
-
-def num_eval_batches(data_config, split: str, *, batch_size: int, process_count: int) -> int:
+def num_eval_batches(source: DataSource, split: str, *, batch_size: int,
+                     process_count: int) -> int:
   """Batches every process yields for ``split``: its largest shard, rounded up."""
-  return math.ceil(max(_local_sizes(data_config, split, process_count)) / batch_size)
+  sizes = [source.builder.info.splits[_local_split(split, i, process_count)].num_examples
+           for i in range(process_count)]
+  return math.ceil(max(sizes) / batch_size)
 
 
-@functools.lru_cache(maxsize=8)
-def _eval_tf_dataset(key: str, split: str, batch_size: int, process_index: int,
+def _eval_tf_dataset(source: DataSource, split: str, batch_size: int, process_index: int,
                      process_count: int) -> tf.data.Dataset:
-  # Memoised on the config's JSON so that repeated evals reuse one in-memory cache.
-  data_config = ml_collections.ConfigDict(json.loads(key))
-  builder = prepared_builder(data_config)
+  data_config, builder = source.config, source.builder
   local = _local_split(split, process_index, process_count)
   size = data_config.image_size
-  num_labels = dataset_meta(data_config).num_labels
-  ds = _read(builder, local, data_config).map(
+  num_labels = source.meta.num_labels
+  ds = _read(source, local).map(
       lambda ex: {**ex, "image": eval_image(_decode(builder, ex)["image"], data_config),
                   "valid": tf.constant(True)},
       num_parallel_calls=_AUTOTUNE)
-  total = num_eval_batches(data_config, split, batch_size=batch_size,
+  total = num_eval_batches(source, split, batch_size=batch_size,
                            process_count=process_count) * batch_size
   padding = {"image": tf.zeros((size, size, 3), tf.float32),
              "labels": tf.zeros((num_labels,), tf.int32),
@@ -548,7 +553,7 @@ def _eval_tf_dataset(key: str, split: str, batch_size: int, process_index: int,
   return _options(ds.batch(batch_size, drop_remainder=True).prefetch(data_config.prefetch))
 
 
-def eval_dataset(data_config, split: str, *, batch_size: int, process_index: int = 0,
+def eval_dataset(source: DataSource, split: str, *, batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's shard: {image, labels, example_id, valid} batches
   (+ ``label_visible`` when the dataset has it).
@@ -558,6 +563,7 @@ def eval_dataset(data_config, split: str, *, batch_size: int, process_index: int
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  check_transform(data_config)
-  ds = _eval_tf_dataset(data_config.to_json(), split, batch_size, process_index, process_count)
-  return iter(tfds.as_numpy(ds))
+  key = (split, batch_size, process_index, process_count)
+  if key not in source.eval_cache:
+    source.eval_cache[key] = _eval_tf_dataset(source, *key)
+  return iter(tfds.as_numpy(source.eval_cache[key]))
