@@ -6,11 +6,12 @@ r"""Training throughput of the real train step: images/s, step time, FLOPs, MFU,
     python benchmarks/train_throughput.py --config=configs/coco.py --compile_only  # CPU
 
 For each (dtype, remat) combination this builds the train state and the jitted step exactly
-as `ctran_jax.train.train_and_evaluate` does (`train.make_mesh`, `train.create_train_state`,
-`train.jit_train_step`), feeds it one synthetic batch that stays on the devices (the
-config's image size, ``--num_labels`` labels, LMT states from `label_mask.train_states`; no
-dataset), times lowering and compilation separately, runs ``--warmup`` steps, then times
-``--steps`` steps one by one (each waits for its results). ``--batch_size`` is global.
+as `ctran_jax.train.train_and_evaluate` does (`train.model_from_config`,
+`train.make_optimizer`, `train.train_state`, `train.jit_train_step`), feeds it one
+synthetic batch that stays on the devices (the config's image size, ``--num_labels``
+labels, LMT states from `label_mask.training_states`; no dataset), times lowering and
+compilation separately, runs ``--warmup`` steps, then times ``--steps`` steps one by one
+(each waits for its results). ``--batch_size`` is global.
 
 FLOPs come from XLA's cost analysis. In jax 0.10.2 `Compiled.cost_analysis()` is one dict
 (older releases: a list of one dict) describing the SPMD-partitioned program of ONE device,
@@ -171,25 +172,20 @@ def device_peak_bytes(devices) -> int | None:
   return max(peaks) if peaks else None
 
 
-def combinations(config, dtypes: str = "", remats: str = "") -> tuple[list, bool]:
-  """The (dtype, remat) pairs of the comma lists (empty: the config's), and whether the
-  config supports remat at all."""
-  from ctran_jax import train
+def combinations(config, dtypes: str = "", remats: str = "") -> list[tuple[str, str]]:
+  """The (dtype, remat) pairs of the comma lists (empty: the config's)."""
+  from ctran_jax import model_store
 
   dtypes = [d.strip() for d in (dtypes or config.model.dtype).split(",") if d.strip()]
   for d in dtypes:
-    if d not in train.DTYPES:
-      raise ValueError(f"--dtypes has {d!r}; expected a comma list of {', '.join(train.DTYPES)}")
-  has_remat = "remat" in config.model
-  default = config.model.remat if has_remat else "none"
-  remats = [r.strip() for r in (remats or default).split(",") if r.strip()]
+    if d not in model_store.DTYPES:
+      raise ValueError(f"--dtypes has {d!r}; expected a comma list of "
+                       f"{', '.join(model_store.DTYPES)}")
+  remats = [r.strip() for r in (remats or config.model.remat).split(",") if r.strip()]
   for r in remats:
     if r not in REMAT_MODES:
       raise ValueError(f"--remat has {r!r}; expected a comma list of {', '.join(REMAT_MODES)}")
-    if r != "none" and not has_remat:
-      raise ValueError(f"--remat={r} needs config.model.remat, which this checkout's config "
-                       "does not have; only --remat=none can be measured")
-  return [(d, r) for d in dtypes for r in remats], has_remat
+  return [(d, r) for d in dtypes for r in remats]
 
 
 def synthetic_batch(config, mesh, batch_size: int, num_labels: int) -> dict:
@@ -208,13 +204,8 @@ def synthetic_batch(config, mesh, batch_size: int, num_labels: int) -> dict:
   rng = np.random.default_rng(config.seed)
   local = sharding.local_batch_size(batch_size, mesh)
   labels = (rng.random((local, num_labels)) < 0.04).astype(np.int32)  # COCO: ~2.9 of 80
-  if config.model.use_lmt:
-    ids = np.arange(local) + jax.process_index() * local
-    states = label_mask.train_states(labels, ids, step=0, seed=config.seed,
-                                     max_known_fraction=config.lmt.max_known_fraction,
-                                     num_maskable=config.lmt.num_maskable)
-  else:
-    states = np.full(labels.shape, label_mask.UNKNOWN, np.int32)
+  ids = np.arange(local) + jax.process_index() * local
+  states = label_mask.training_states(config)(labels, ids, 0)  # as the trainer makes them
   extra = {}
   if config.data.get("resize_on_device", False):
     # The pipeline then ships uint8 canvases holding the decoded crop (COCO-sized here),
@@ -238,7 +229,7 @@ def _out_of_memory(error: Exception) -> str | None:
   return text.strip().splitlines()[0][:300] if "RESOURCE_EXHAUSTED" in text else None
 
 
-def measure(config, *, dtype: str, remat: str, has_remat: bool, batch_size: int,
+def measure(config, *, dtype: str, remat: str, batch_size: int,
             num_labels: int, steps: int, warmup: int, tag: str,
             compile_only: bool = False) -> dict:
   """Build, lower, compile and time one (dtype, remat) train step; returns the raw numbers.
@@ -249,15 +240,14 @@ def measure(config, *, dtype: str, remat: str, has_remat: bool, batch_size: int,
   import jax
   import jax.numpy as jnp
 
-  from ctran_jax import train
+  from ctran_jax import sharding, train
 
   c = config.copy_and_resolve_references()
   c.model.dtype = dtype
-  if has_remat:
-    c.model.remat = remat
+  c.model.remat = remat
   c.batch_size = batch_size
   train.check_config(c)
-  mesh = train.make_mesh(c)
+  mesh = sharding.make_mesh(c.mesh.num_devices, c.mesh.fsdp)
   devices = mesh.devices.size
   if (batch_size // c.grad_accum_steps) % devices:
     raise ValueError(f"micro-batch {batch_size // c.grad_accum_steps} (batch size / "
@@ -272,21 +262,23 @@ def measure(config, *, dtype: str, remat: str, has_remat: bool, batch_size: int,
           f"{c.data.image_size}^2, {num_labels} labels)", flush=True)
     t0 = time.perf_counter()
     num_steps = c.num_train_steps if c.num_train_steps > 0 else warmup + steps + 1
-    graphdef, state, rng_state, tx, schedule = train.create_train_state(c, mesh, num_labels,
-                                                                        num_steps)
+    model_def = train.model_from_config(c, num_labels)
+    tx, schedule = train.make_optimizer(c, num_steps)
+    abstract, init = train.train_state(c, mesh, model_def, tx)
+    state = init()
     r["params"] = int(sum(x.size for x in jax.tree.leaves(state["params"])))
     batch = synthetic_batch(c, mesh, batch_size, num_labels)
     lr_scale = jnp.float32(1.0)
     jax.block_until_ready((state, batch))
     r["build_s"] = time.perf_counter() - t0
-    step_fn = train.jit_train_step(c, graphdef, tx, schedule, mesh, state)  # as in training
+    step_fn = train.jit_train_step(c, model_def, tx, schedule, mesh, abstract)  # as in training
 
     stage = "lowering"
     print(f"{tag} {stage} ({r['params']:,} parameters; built in {r['build_s']:.1f} s)",
           flush=True)
     t0 = time.perf_counter()
     with heartbeat(stage):
-      lowered = step_fn.lower(state, rng_state, batch, lr_scale)
+      lowered = step_fn.lower(state, batch, lr_scale)
     r["lower_s"] = time.perf_counter() - t0
     r["flops_global_lowered"] = flops_of(lowered.cost_analysis())
 
@@ -313,11 +305,11 @@ def measure(config, *, dtype: str, remat: str, has_remat: bool, batch_size: int,
       print(f"{tag} compiled in {r['compile_s']:.1f} s; {warmup} warm-up + {steps} timed "
             "steps", flush=True)
     for _ in range(warmup):
-      state, metrics = compiled(state, rng_state, batch, lr_scale)
+      state, metrics = compiled(state, batch, lr_scale)
     jax.block_until_ready(state)
     for _ in range(steps):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, rng_state, batch, lr_scale)
+      state, metrics = compiled(state, batch, lr_scale)
       jax.block_until_ready((state, metrics))
       r["step_times_s"].append(time.perf_counter() - t0)
     if steps or warmup:
@@ -414,7 +406,7 @@ def main(argv):
   try:
     if _STEPS.value < 1 or _WARMUP.value < 0:
       raise ValueError("--steps must be >= 1 and --warmup >= 0")
-    combos, has_remat = combinations(config, _DTYPES.value, _REMAT.value)
+    combos = combinations(config, _DTYPES.value, _REMAT.value)
     batch_size = _BATCH.value or config.batch_size
     device = jax.devices()[0]
     precision = jax.config.jax_default_matmul_precision
@@ -431,8 +423,6 @@ def main(argv):
       print(f"peak TFLOP/s per device: {listed} ({peak_name})")
     else:
       print("peak TFLOP/s: unknown device, MFU n/a (pass --peak_tflops)")
-    if not has_remat:
-      print("remat: config.model has no 'remat' in this checkout; measuring remat=none only")
     header = {"device_kind": device.device_kind, "platform": device.platform,
               "device_count": jax.device_count(), "process_count": jax.process_count(),
               "jax": jax.__version__, "peak_source": peak_name, "matmul_precision": precision,
@@ -440,10 +430,9 @@ def main(argv):
               "compile_only": _COMPILE_ONLY.value}
     for i, (dtype, remat) in enumerate(combos, 1):
       tag = f"[{i}/{len(combos)} {dtype} remat={remat}]"
-      results.append(measure(config, dtype=dtype, remat=remat, has_remat=has_remat,
-                             batch_size=batch_size, num_labels=_LABELS.value,
-                             steps=_STEPS.value, warmup=_WARMUP.value, tag=tag,
-                             compile_only=_COMPILE_ONLY.value))
+      results.append(measure(config, dtype=dtype, remat=remat, batch_size=batch_size,
+                             num_labels=_LABELS.value, steps=_STEPS.value,
+                             warmup=_WARMUP.value, tag=tag, compile_only=_COMPILE_ONLY.value))
       gc.collect()  # the previous row's arrays, before the next row allocates
       add_rates(results, peaks)
       r = results[-1]

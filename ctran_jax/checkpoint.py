@@ -59,6 +59,8 @@ class Checkpoints:
   """Latest-K and best checkpoints of one training run."""
 
   def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
+    if not isinstance(keep, int) or keep < 1:
+      raise ValueError(f"config.keep_checkpoints={keep!r}; expected a positive integer")
     self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, asynchronous, "latest")
     self.best = _manager(os.path.join(workdir, "best"), 1, asynchronous, "best")
 

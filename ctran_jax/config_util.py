@@ -1,8 +1,10 @@
-"""Shared by configs/*.py: load a sibling config file by path.
+"""Config helpers: loading a sibling config file, and the wording of config errors.
 
 ``configs/`` is a folder of files, not a package (``--config=configs/coco.py`` loads it by
-path), so a config that builds on another loads it the same way; this works from any
-working directory and imports nothing heavy (no TF, no JAX).
+path), so a config that builds on another loads it with `load_sibling`; this works from any
+working directory and imports nothing heavy (no TF, no JAX). Each module that reads a
+config section checks it itself with `check_choice` / `check_range`, so every bad value is
+reported the same way, naming its key.
 """
 
 from __future__ import annotations
@@ -19,3 +21,17 @@ def load_sibling(this_file: str, name: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def check_choice(key: str, value, allowed) -> None:
+  """The one wording of a bad choice: ``config.<key>=<value>; expected one of ...``."""
+  if value not in allowed:
+    raise ValueError(f"config.{key}={value!r}; expected one of {', '.join(map(str, allowed))}")
+
+
+def check_range(key: str, value, low: float, high: float, *, high_open: bool = False) -> None:
+  """``config.<key>`` must lie in [low, high] (or [low, high))."""
+  ok = low <= value < high if high_open else low <= value <= high
+  if not ok:
+    raise ValueError(f"config.{key}={value!r}; expected a value in [{low}, {high}"
+                     f"{')' if high_open else ']'}")

@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 from tensorflow.io import gfile
 
 from ctran_jax import label_mask, metrics, sharding
+from ctran_jax.config_util import check_choice, check_range
 from ctran_jax.data import pipeline
 
 FORMAT = "ctran_jax/eval/v1"
@@ -51,14 +51,14 @@ def fraction_key(fraction: float) -> str:
   return f"{fraction * 100:g}"
 
 
-def make_predict_step(graphdef):
+def make_predict_step(model_def):
   """A step returning logits (F, B, L) for F sets of known labels, plus the batch's labels.
 
   The backbone runs once per batch; only the transformer part repeats per known set. The
   batch passes through so that all hosts get the full (replicated) arrays back.
   """
-  def predict_step(params, batch_stats, rng_state, batch):
-    model = nnx.merge(graphdef, params, batch_stats, rng_state)
+  def predict_step(params, batch_stats, batch):
+    model = model_def.merge(params, batch_stats)
     model.eval()
     features = model.backbone(batch["image"])
     states = jnp.moveaxis(batch["states"], 1, 0)  # (B, F, L) -> (F, B, L)
@@ -77,13 +77,30 @@ def bce_loss_per_example(logits: np.ndarray, labels: np.ndarray, states: np.ndar
 
 
 class Evaluator:
-  """Runs the compiled prediction step over a split and computes the metrics."""
+  """Evaluates a train state on the splits of one dataset: the metrics, their log lines,
+  TensorBoard scalars and ``eval/history.jsonl``, and the final report.
 
-  def __init__(self, graphdef, config, mesh, source: pipeline.DataSource):
+  Checks ``config.eval`` when built, so a bad value stops the run before anything compiles.
+  """
+
+  def __init__(self, model_def, config, mesh, source: pipeline.DataSource, *, workdir: str,
+               writer=None):
     self.config, self.mesh, self.source, self.meta = config, mesh, source, source.meta
+    self.workdir, self.writer = workdir, writer
     self.num_labels = source.meta.num_labels
-    self.fractions = tuple(config.eval.known_fractions)
-    self.groups = tuple(config.eval.get("known_groups", ()))
+    e = config.eval
+    self.fractions = tuple(e.known_fractions)
+    if not self.fractions:
+      raise ValueError("config.eval.known_fractions is empty; expected fractions such as "
+                       "(0.0, 0.5)")
+    for f in self.fractions:
+      check_range("eval.known_fractions", f, 0.0, 1.0, high_open=True)
+    check_choice("eval.selection_metric", e.selection_metric,
+                 metrics.METRIC_NAMES + metrics.CUB_METRIC_NAMES)
+    self.groups = tuple(e.known_groups)
+    if any(not isinstance(n, int) or n < 0 for n in self.groups):
+      raise ValueError(f"config.eval.known_groups={self.groups!r}; expected integers >= 0 "
+                       "(numbers of concept groups given as known)")
     if self.groups and not (self.meta.concept_groups and self.meta.has_label_visible):
       raise ValueError(f"config.eval.known_groups={self.groups} needs a dataset with concept "
                        f"groups and 'label_visible' (such as ctran_cub); {self.meta.name} "
@@ -93,13 +110,13 @@ class Evaluator:
       raise ValueError(f"config.eval.known_groups={self.groups}; {self.meta.name} has "
                        f"{num_groups} concept groups")
     self.num_groups = num_groups
-    self.local_batch = sharding.local_batch_size(config.eval.batch_size, mesh)
-    self.predict = jax.jit(make_predict_step(graphdef),
+    self.local_batch = sharding.local_batch_size(e.batch_size, mesh, key="eval.batch_size")
+    self.predict = jax.jit(make_predict_step(model_def),
                            out_shardings=sharding.replicated(mesh))
+    self._done = {}  # (split, step) -> report
 
-  def predictions(self, state, rng_state, split: str) -> dict[str, np.ndarray]:
+  def predictions(self, state, split: str) -> dict[str, np.ndarray]:
     """Host arrays over the valid examples of `split`: logits (F, N, L), labels, states."""
-    data = self.config.data
     n_batches = pipeline.num_eval_batches(self.source, split, batch_size=self.local_batch,
                                           process_count=jax.process_count())
     every = max(1, n_batches // 5) if n_batches >= 50 else n_batches + 1
@@ -117,23 +134,22 @@ class Evaluator:
           for n in self.groups], axis=1)
       batch = sharding.global_batch({"image": local["image"], "labels": local["labels"],
                                      "states": states, "valid": local["valid"]}, self.mesh)
-      parts.append(jax.device_get(self.predict(state["params"], state["batch_stats"],
-                                               rng_state, batch)))
+      parts.append(jax.device_get(self.predict(state["params"], state["batch_stats"], batch)))
       if (i + 1) % every == 0:
         logging.info("evaluating %s: %d/%d batches, %.0f s", split, i + 1, n_batches,
                      time.perf_counter() - start)
     if not parts:
-      raise ValueError(f"split {split!r} of {data.name} has no examples")
+      raise ValueError(f"split {split!r} of {self.meta.name} has no examples")
     out = {k: np.concatenate([p[k] for p in parts], axis=1 if k in ("logits", "states") else 0)
            for k in parts[0]}
     valid = out.pop("valid").astype(bool)
     return {"logits": out["logits"][:, valid], "states": out["states"][:, valid],
             "labels": out["labels"][valid]}
 
-  def run(self, state, rng_state, split: str) -> dict:
+  def run(self, state, split: str) -> dict:
     """{"num_examples": N, "known": {percent: metrics + loss}} for one split
     (+ "known_groups": {n: ...} for extra-label evaluation)."""
-    pred = self.predictions(state, rng_state, split)
+    pred = self.predictions(state, split)
     report = {"num_examples": int(pred["labels"].shape[0]), "known": {}}
     concepts = self.meta.num_concepts or None
     sets = [("known", fraction_key(f)) for f in self.fractions]
@@ -149,12 +165,35 @@ class Evaluator:
       report.setdefault(section, {})[key] = values
     return report
 
+  def evaluate(self, state, split: str, step: int) -> dict:
+    """`run`, logged (console, TensorBoard, ``eval/history.jsonl``) once per (split, step)."""
+    if (split, step) not in self._done:
+      report = self.run(state, split)
+      if self.writer is not None:
+        log_report(self.writer, report, step=step, split=split)
+      append_history(self.workdir, report, step=step, split=split)
+      self._done[split, step] = report
+    return self._done[split, step]
 
-def selection_value(report: dict, config) -> float:
-  """The number model selection maximises: ``config.eval.selection_metric`` (default mAP)
-  at the first known fraction (regular inference when it is 0)."""
-  first = report["known"][fraction_key(config.eval.known_fractions[0])]
-  return first[config.eval.get("selection_metric", "mAP")]
+  def selection_value(self, report: dict) -> float:
+    """The number model selection maximises: ``config.eval.selection_metric`` (default mAP)
+    at the first known fraction (regular inference when it is 0)."""
+    return report["known"][fraction_key(self.fractions[0])][self.config.eval.selection_metric]
+
+  def final_report(self, state, step: int, checkpoint: str) -> dict[str, dict]:
+    """Evaluate the eval and test splits, write ``eval/results.json`` and print the tables;
+    the same for a finished training run and for ``--mode=eval``."""
+    data = self.config.data
+    reports = {split: self.evaluate(state, split, step)
+               for split in dict.fromkeys((data.eval_split, data.test_split)) if split}
+    path = write_results(self.workdir, reports, step=step, checkpoint=checkpoint,
+                         meta=self.meta)
+    if jax.process_index() == 0:
+      for split, report in reports.items():
+        print(f"\n{self.meta.name} / {split} @ step {step} ({checkpoint})")
+        print(table(report))
+      print(f"\nresults: {path}")
+    return reports
 
 
 def table(report: dict) -> str:

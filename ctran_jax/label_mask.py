@@ -10,7 +10,11 @@ masks do not depend on batch size, device count or host count (the reference see
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+from ctran_jax.config_util import check_range
 
 UNKNOWN = -1
 
@@ -95,6 +99,28 @@ def train_states(labels, example_ids, *, step: int, seed: int,
   if maskable < num_labels:
     known = np.concatenate([known, np.zeros((known.shape[0], num_labels - maskable), bool)], -1)
   return states_from_known(labels, known)
+
+
+def training_states(config) -> Callable[..., np.ndarray]:
+  """``states(labels, example_ids, step)`` for the trainer (and its benchmark): LMT states by
+  ``config.lmt`` when ``config.model.use_lmt``, else every label unknown. Checks
+  ``config.lmt`` now, before anything runs."""
+  lmt = config.lmt
+  check_range("lmt.max_known_fraction", lmt.max_known_fraction, 0.0, 1.0)
+  check_range("lmt.all_unknown_fraction", lmt.all_unknown_fraction, 0.0, 1.0)
+  if not isinstance(lmt.num_maskable, int) or lmt.num_maskable < 0:
+    raise ValueError(f"config.lmt.num_maskable={lmt.num_maskable!r}; expected an integer "
+                     ">= 0 (0: every label may be known)")
+  if not config.model.use_lmt:
+    return lambda labels, example_ids, step: np.full(np.shape(labels), UNKNOWN, np.int32)
+
+  def states(labels, example_ids, step):
+    return train_states(labels, example_ids, step=step, seed=config.seed,
+                        max_known_fraction=lmt.max_known_fraction,
+                        num_maskable=lmt.num_maskable,
+                        all_unknown_fraction=lmt.all_unknown_fraction)
+
+  return states
 
 
 def eval_states(labels, example_ids, *, known_fraction: float, seed: int = 0) -> np.ndarray:

@@ -199,11 +199,9 @@ def main(argv):
   # Imported here so that --help and flag errors are instant (TF + JAX import takes
   # seconds), and after jax.distributed.initialize.
   from ctran_jax import checkpoint, train
-  from ctran_jax.data import pipeline
 
   config, workdir = _CONFIG.value, _WORKDIR.value
-  known_errors = (ValueError, OSError, checkpoint.CheckpointError,
-                  FloatingPointError, getattr(pipeline, "DatasetError", ValueError))
+  known_errors = (ValueError, OSError, checkpoint.CheckpointError, FloatingPointError)
   try:
     os.makedirs(workdir, exist_ok=True)
     logging.info("config:\n%s", config)

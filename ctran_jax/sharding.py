@@ -75,38 +75,26 @@ def leaf_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> Partitio
 
 
 def state_shardings(tree, mesh: Mesh, min_size: int):
-  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) by the FSDP rule."""
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) by the FSDP rule;
+  `min_size` is ``config.mesh.fsdp_min_size``."""
+  if not isinstance(min_size, int) or min_size < 0:
+    raise ValueError(f"config.mesh.fsdp_min_size={min_size!r}; expected an integer >= 0")
   size = mesh.shape[FSDP]
   return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), size, min_size)),
                       tree)
 
 
-def put(tree, shardings):
-  """Place a pytree whose values every process holds in full (e.g. a fresh model) on the mesh.
+def local_batch_size(global_batch_size: int, mesh: Mesh, key: str = "batch_size") -> int:
+  """Rows this process feeds: the global batch must split evenly over the mesh's devices.
 
-  One process: `jax.device_put`. Several: `jax.device_put` refuses devices of other
-  processes, so each process builds its own shards from its copy (the values must be the
-  same on every process).
+  `key` names the config entry the batch size came from, for the error message.
   """
-  if jax.process_count() == 1:
-    return jax.device_put(tree, shardings)
-
-  def one(x, where):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(one(jax.random.key_data(x), where),
-                                      impl=jax.random.key_impl(x))
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
-
-  return jax.tree.map(one, tree, shardings)
-
-
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """Rows this process feeds: the global batch must split evenly over the mesh's devices."""
   devices = mesh.devices.size
+  if not isinstance(global_batch_size, int) or global_batch_size < 1:
+    raise ValueError(f"config.{key}={global_batch_size!r}; expected a positive integer")
   if global_batch_size % devices:
-    raise ValueError(f"batch size {global_batch_size} is not divisible by the {devices} devices "
-                     f"of the mesh; choose a multiple of {devices}")
+    raise ValueError(f"config.{key}={global_batch_size} is not divisible by the {devices} "
+                     f"devices of the mesh; choose a multiple of {devices}")
   local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   return global_batch_size // devices * local
 
@@ -115,11 +103,6 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   """Host-local numpy rows -> global arrays with rows split over all devices."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-def replicate(tree, mesh: Mesh):
-  """Place a pytree fully replicated on the mesh (the same values on every process)."""
-  return put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
 
 
 def to_host(x: jax.Array) -> np.ndarray:

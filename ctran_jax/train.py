@@ -1,12 +1,19 @@
 """The trainer: label-mask training of C-Tran on a device mesh, with evaluation and checkpoints.
 
-Reads top to bottom: config checks → optimizer → train state → step functions →
-`train_and_evaluate` (mesh → data → model → restore → loop: log, evaluate, checkpoint).
+Sections, in the order they appear: config checks → model and optimizer → train state →
+train step → the loop (`train_and_evaluate`: mesh → data → model → evaluator → state,
+fresh or restored → loop: log, evaluate, checkpoint) → `evaluate_checkpoint`.
+
 The step is one pure `jax.jit` function over a ``(data, fsdp)`` `Mesh` with explicit in/out
 shardings (batch split over every device, parameters and optimizer state split over
-``fsdp`` by the rule in `sharding`); the model is split with `nnx.split` outside and merged
-inside. Multi-process runs need no other code path: every process runs this same loop
-on its own data shard (main.py initialises `jax.distributed`).
+``fsdp`` by the rule in `sharding`); the model is rebuilt inside it from its `ModelDef`.
+The train state is made the big_vision way: one ``init()``, its abstract shape from
+`jax.eval_shape` (also the restore target), and ``jax.jit(init, out_shardings=...)`` to
+initialise it straight into its shardings. Multi-process runs need no other code path:
+every process runs this same loop on its own data shard (main.py initialises
+`jax.distributed`). Each config section is checked by the module that reads it
+(`sharding`, `pipeline`, `model_store`, `losses`, `label_mask`, `evaluate`, `checkpoint`);
+`check_config` has the rest.
 """
 
 from __future__ import annotations
@@ -22,113 +29,51 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ctran_jax import augment, checkpoint, evaluate, label_mask, metrics, model_store, sharding
+from ctran_jax import augment, checkpoint, evaluate, label_mask, losses, model_store, sharding
+from ctran_jax.config_util import check_choice
 from ctran_jax.data import pipeline
-from ctran_jax.losses import LOSS_LABELS, REDUCTIONS, loss_weights, masked_bce
-from ctran_jax.models import BACKBONES
-from ctran_jax.models.remat import CHOICES as REMAT_CHOICES
-from ctran_jax.models.remat import set_remat
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "plateau", "cosine")
-BN_MODES = ("train", "frozen")
-DTYPES = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------- config checks
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Reject values that would fail deep inside JAX, with the key and the accepted values."""
-  def one_of(key, value, allowed):
-    if value not in allowed:
-      raise ValueError(f"config.{key}={value!r}; expected one of {', '.join(allowed)}")
-
-  one_of("optimizer.name", config.optimizer.name, OPTIMIZERS)
-  one_of("schedule.name", config.schedule.name, SCHEDULES)
-  one_of("loss.reduction", config.loss.reduction, REDUCTIONS)
-  one_of("loss.labels", config.loss.labels, LOSS_LABELS)
-  one_of("model.bn_mode", config.model.bn_mode, BN_MODES)
-  one_of("model.dtype", config.model.dtype, DTYPES)
-  one_of("model.backbone", config.model.backbone, BACKBONES)
-  one_of("model.remat", config.model.remat, REMAT_CHOICES)
-  one_of("data.transform", config.data.transform, pipeline.TRANSFORMS)
-  one_of("eval.selection_metric", config.eval.selection_metric,
-         metrics.METRIC_NAMES + metrics.CUB_METRIC_NAMES)
-  if not isinstance(config.lmt.num_maskable, int) or config.lmt.num_maskable < 0:
-    raise ValueError(f"config.lmt.num_maskable={config.lmt.num_maskable!r}; expected an "
-                     "integer >= 0 (0: every label may be known)")
-  if any(not isinstance(n, int) or n < 0 for n in config.eval.known_groups):
-    raise ValueError(f"config.eval.known_groups={config.eval.known_groups!r}; expected "
-                     "integers >= 0 (numbers of concept groups given as known)")
-  if config.data.resize_on_device and config.data.transform != "ctran":
-    raise ValueError("config.data.resize_on_device needs config.data.transform='ctran'")
-  positive = ("batch_size", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps",
-              "keep_checkpoints", "eval.batch_size")
-  for key in positive:
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{key}={value!r}; expected a positive integer")
+  """The trainer's own keys (loop lengths and batch layout), which no other module reads."""
+  for key in ("batch_size", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps"):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f"config.{key}={config[key]!r}; expected a positive integer")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_train_steps or config.num_epochs to a positive value")
+  if config.eval_every_steps < 0:
+    raise ValueError(f"config.eval_every_steps={config.eval_every_steps}; expected >= 0 "
+                     "(0: once per epoch)")
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
-  if not 0.0 <= config.lmt.all_unknown_fraction <= 1.0:
-    raise ValueError(f"config.lmt.all_unknown_fraction={config.lmt.all_unknown_fraction}; "
-                     "expected a value in [0, 1]")
-  if not 0.0 <= config.lmt.max_known_fraction <= 1.0:
-    raise ValueError(f"config.lmt.max_known_fraction={config.lmt.max_known_fraction}; "
-                     "expected a value in [0, 1]")
-  for f in config.eval.known_fractions:
-    if not 0.0 <= f < 1.0:
-      raise ValueError(f"config.eval.known_fractions has {f}; expected values in [0, 1)")
-  if config.optimizer.learning_rate <= 0:
-    raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate}; "
-                     "expected > 0")
-  fsdp = config.mesh.fsdp
-  if not isinstance(fsdp, int) or (fsdp < 1 and fsdp != -1):
-    raise ValueError(f"config.mesh.fsdp={fsdp!r}; expected -1 (all devices) or a positive "
-                     "integer (1: pure data parallel)")
-  if not isinstance(config.mesh.fsdp_min_size, int) or config.mesh.fsdp_min_size < 0:
-    raise ValueError(f"config.mesh.fsdp_min_size={config.mesh.fsdp_min_size!r}; expected an "
-                     "integer >= 0")
 
 
-def model_kwargs(config: ml_collections.ConfigDict, num_labels: int) -> dict:
-  """The `model_store` description of the configured model (also stored in checkpoints)."""
+# ----------------------------------------------------------------------------- model, optimizer
+
+def model_from_config(config, num_labels: int) -> model_store.ModelDef:
+  """The configured C-Tran's `ModelDef`; a bad ``config.model`` value is an error naming it."""
   m = config.model
-  if m.backbone != "resnet":  # (ResNet checkpoints from before the key existed still match)
-    return {"kind": "ctran", "num_labels": num_labels, "backbone": m.backbone,
-            "hidden": m.hidden, "heads": m.heads, "layers": m.layers,
-            "ffn_dim": m.ffn_dim or None, "dropout": m.dropout, "use_lmt": m.use_lmt,
-            "train_unknown_state": m.train_unknown_state,
-            "pos_emb": m.pos_emb, "image_tokens": m.image_tokens}
-  return {"kind": "ctran", "num_labels": num_labels, "backbone_depth": m.backbone_depth,
-          "backbone_width": m.backbone_width,
-          "backbone_stage_sizes": tuple(m.backbone_stage_sizes) if m.backbone_depth == 0
-          else None,
-          "backbone_block": m.backbone_block if m.backbone_depth == 0 else None,
-          "hidden": m.hidden, "heads": m.heads, "layers": m.layers,
-          "ffn_dim": m.ffn_dim or None, "dropout": m.dropout, "use_lmt": m.use_lmt,
-          "train_unknown_state": m.train_unknown_state,
-          "pos_emb": m.pos_emb, "image_tokens": m.image_tokens}
+  try:
+    return model_store.ModelDef.build(model_store.describe_ctran(m, num_labels),
+                                      seed=config.seed, bn_mode=m.bn_mode, dtype=m.dtype,
+                                      remat=m.remat)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.model: {e}") from None
 
-
-def stored_model_config(kwargs: dict) -> dict:
-  """JSON-comparable form of `model_kwargs` (tuples become lists, as JSON stores them)."""
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-
-
-# ----------------------------------------------------------------------------- optimizer
 
 def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
   """Warm-up then constant (constant, plateau) or cosine decay to end_fraction * lr."""
+  check_choice("schedule.name", config.schedule.name, SCHEDULES)
   lr, warmup = config.optimizer.learning_rate, config.schedule.warmup_steps
   if config.schedule.name == "cosine":
     return optax.warmup_cosine_decay_schedule(
@@ -140,12 +85,16 @@ def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
   return optax.constant_schedule(lr)
 
 
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Adam (reference: no weight decay), AdamW, or SGD with momentum; optional clipping.
-
-  Weight decay for adam/sgd is the coupled L2 of torch's optimizers; adamw's is decoupled.
-  """
+def make_optimizer(config, num_train_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule): Adam (reference: no weight decay), AdamW, or SGD with momentum;
+  optional clipping. Weight decay for adam/sgd is the coupled L2 of torch's optimizers;
+  adamw's is decoupled."""
   o = config.optimizer
+  check_choice("optimizer.name", o.name, OPTIMIZERS)
+  if o.learning_rate <= 0:
+    raise ValueError(f"config.optimizer.learning_rate={o.learning_rate}; expected > 0")
+  schedule = learning_rate_schedule(config, num_train_steps)
   if o.name == "adam":
     base = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
     if o.weight_decay:
@@ -157,7 +106,7 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
                        optax.sgd(schedule, momentum=o.momentum))
   if o.grad_clip_norm:
     base = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), base)
-  return base
+  return base, schedule
 
 
 @dataclasses.dataclass
@@ -186,180 +135,144 @@ class Plateau:
     return False
 
 
-# ----------------------------------------------------------------------------- step functions
+# ----------------------------------------------------------------------------- train state
 
-def _reseed(rng_state, key):
-  """Fresh dropout keys for this step: one per RNG variable, counts reset to 0."""
-  leaves, treedef = jax.tree.flatten(rng_state)
-  new = [jax.random.fold_in(key, i) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-         else jnp.zeros_like(x) for i, x in enumerate(leaves)]
-  return jax.tree.unflatten(treedef, new)
+def pretrained_weights(config) -> tuple[str, dict] | None:
+  """``config.model.init_from``: (the stored model's kind, its weights as host arrays)."""
+  if not config.model.init_from:
+    return None
+  description = model_store.read_description(config.model.init_from)
+  return description["kind"], model_store.load_weights(config.model.init_from, description)
 
 
-def make_train_step(graphdef, tx, schedule, *, seed: int, reduction: str, accum_steps: int,
-                    finish_images=None, labels_in_loss: str = "unknown"):
-  """(state, rng_state, batch, lr_scale) -> (state, metrics); batch has image/labels/states.
+def train_state(config, mesh, model_def: model_store.ModelDef, tx):
+  """(abstract state, init): the train state's shapes and shardings, and a function that
+  initialises it on the mesh (from ``config.model.init_from`` when set).
+
+  The state is ``{"params", "batch_stats", "opt_state", "step"}``, split over ``fsdp`` by
+  `sharding.state_shardings`; the abstract state (ShapeDtypeStructs carrying their
+  shardings) is also the target of a checkpoint restore, so resuming initialises nothing.
+  """
+  def init(pretrained):
+    model = model_def.make()
+    if pretrained is not None:  # a C-Tran, or only its backbone
+      kind, weights = pretrained
+      target = model if kind == "ctran" else model.backbone
+      weights_state = nnx.state(target, model_store.WEIGHTS)
+      nnx.replace_by_pure_dict(weights_state, weights)
+      nnx.update(target, weights_state)
+    params, batch_stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    return {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  shapes = jax.eval_shape(init, None)
+  shardings = sharding.state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
+  abstract = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                sharding=where),
+                          shapes, shardings)
+  jitted = jax.jit(init, out_shardings=shardings)
+
+  def initialise():
+    pretrained = pretrained_weights(config)
+    try:
+      return jitted(pretrained)
+    except (ValueError, KeyError, TypeError) as e:
+      if pretrained is None:
+        raise
+      raise ValueError(f"config.model.init_from={config.model.init_from!r} does not fit "
+                       f"the configured model: {e}") from None
+
+  return abstract, initialise
+
+
+# ----------------------------------------------------------------------------- train step
+
+def make_train_step(model_def: model_store.ModelDef, loss: losses.MaskedBCE, tx, schedule, *,
+                    seed: int, accum_steps: int, finish_images=None):
+  """(state, batch, lr_scale) -> (state, metrics); batch has image/labels/states.
 
   ``finish_images(batch) -> images``, when given, turns the batch's raw image fields into
   model inputs inside the step (``data.resize_on_device``: `augment.resize_windows`).
+  Dropout is keyed by (seed, step).
 
   With ``accum_steps`` > 1 the batch is cut into micro-batches (rows i*k + j form micro-batch
   j, so each stays spread over all devices) whose gradients are summed; the loss is defined
   on the whole batch, so the update equals the unaccumulated one except for BatchNorm's
   per-micro-batch statistics (as in the reference, which steps every `grad_ac_steps` batches).
   """
-  def micro_loss(params, batch_stats, rng_state, micro, key, denominator):
-    model = nnx.merge(graphdef, params, batch_stats, _reseed(rng_state, key))
+  def micro_loss(params, batch_stats, micro, key, denominator):
+    model = model_def.merge(params, batch_stats, key)
     model.train()
-
     images = finish_images(micro) if finish_images else micro["image"]
 
     def loss_fn(model):
       logits = model(images, micro["states"])
-      return masked_bce(logits, micro["labels"], micro["states"], reduction="sum",
-                        labels_in_loss=labels_in_loss) / denominator
+      return loss.total(logits, micro["labels"], micro["states"]) / denominator
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    return loss, grads, nnx.state(model, nnx.BatchStat)
+    value, grads = nnx.value_and_grad(loss_fn)(model)
+    return value, grads, nnx.state(model, nnx.BatchStat)
 
-  def train_step(state, rng_state, batch, lr_scale):
+  def train_step(state, batch, lr_scale):
     step = state["step"]
     key = jax.random.fold_in(jax.random.key(seed), step)
-    in_loss = jnp.sum(loss_weights(batch["states"], labels_in_loss))
-    denominator = (jnp.float32(1.0) if reduction == "sum"
+    in_loss = jnp.sum(loss.weights(batch["states"]))
+    denominator = (jnp.float32(1.0) if loss.reduction == "sum"
                    else jnp.maximum(in_loss, 1).astype(jnp.float32))
     params, batch_stats = state["params"], state["batch_stats"]
     if accum_steps == 1:
-      loss, grads, batch_stats = micro_loss(params, batch_stats, rng_state, batch, key,
-                                            denominator)
+      value, grads, batch_stats = micro_loss(params, batch_stats, batch, key, denominator)
     else:
       micro = jax.tree.map(
           lambda x: jnp.moveaxis(x.reshape(x.shape[0] // accum_steps, accum_steps,
                                            *x.shape[1:]), 1, 0), batch)
 
       def body(carry, inputs):
-        # params and rng_state ride in the carry: NNX refuses variables from an outer trace.
-        loss_sum, grad_sum, batch_stats, params, rng_state = carry
+        # params ride in the carry: NNX refuses variables from an outer trace.
+        value_sum, grad_sum, batch_stats, params = carry
         index, micro_batch = inputs
-        loss, grads, batch_stats = micro_loss(params, batch_stats, rng_state, micro_batch,
-                                              jax.random.fold_in(key, index), denominator)
+        value, grads, batch_stats = micro_loss(params, batch_stats, micro_batch,
+                                               jax.random.fold_in(key, index), denominator)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        return (loss_sum + loss, grad_sum, batch_stats, params, rng_state), None
+        return (value_sum + value, grad_sum, batch_stats, params), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (loss, grads, batch_stats, _, _), _ = jax.lax.scan(
-          body, (jnp.float32(0.0), zeros, batch_stats, params, rng_state),
+      (value, grads, batch_stats, _), _ = jax.lax.scan(
+          body, (jnp.float32(0.0), zeros, batch_stats, params),
           (jnp.arange(accum_steps), micro))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     updates = jax.tree.map(lambda u: u * lr_scale, updates)
     new_state = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
                  "opt_state": opt_state, "step": step + 1}
-    metrics = {"loss": loss, "bce_per_unknown": loss * denominator / jnp.maximum(in_loss, 1),
+    metrics = {"loss": value, "bce_per_entry": value * denominator / jnp.maximum(in_loss, 1),
                "grad_norm": optax.tree.norm(grads), "lr": schedule(step) * lr_scale}
     return new_state, metrics
 
   return train_step
 
 
-# ----------------------------------------------------------------------------- helpers
+def jit_train_step(config, model_def: model_store.ModelDef, tx, schedule, mesh, abstract_state):
+  """The compiled step of `make_train_step` for ``config`` on `mesh`.
 
-def model_overrides(config) -> dict:
-  """Model settings that do not change the weights (not stored in checkpoints' model config)."""
-  return {"bn_mode": config.model.bn_mode, "dtype": jnp.dtype(config.model.dtype)}
-
-
-def create_model(config, num_labels: int):
-  """A freshly initialised model, or one initialised from ``config.model.init_from``."""
-  kwargs, overrides = model_kwargs(config, num_labels), model_overrides(config)
-  model = model_store.init_model(kwargs, seed=config.seed, **overrides)
-  if config.model.init_from:
-    pretrained = model_store.load_model(config.model.init_from, **overrides)
-    backbones = (model_store.ResNet, model_store.InceptionV3)
-    target = model.backbone if isinstance(pretrained, backbones) else model
-    try:
-      nnx.update(target, nnx.state(pretrained, model_store.WEIGHTS))
-    except Exception as e:  # noqa: BLE001 - nnx reports structure mismatches in many ways
-      raise ValueError(f"config.model.init_from={config.model.init_from!r} does not fit the "
-                       f"configured model: {e}") from e
-    logging.info("initialised %s from %s", type(target).__name__, config.model.init_from)
-  return model
-
-
-def make_mesh(config):
-  """The ``(data, fsdp)`` mesh of ``config.mesh``."""
-  return sharding.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
-
-
-def state_shardings(config, mesh, state):
-  """Where each leaf of the train state lives (`sharding.state_shardings`' FSDP rule)."""
-  return sharding.state_shardings(state, mesh, config.mesh.fsdp_min_size)
-
-
-def _train_state(config, model, num_labels: int, num_steps: int, make_opt_state):
-  set_remat(model, config.model.remat)  # static: the graphdef carries it into the step
-  graphdef, params, batch_stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-  schedule = learning_rate_schedule(config, num_steps)
-  tx = make_optimizer(config, schedule)
-  state = {"params": params, "batch_stats": batch_stats, "opt_state": make_opt_state(tx, params),
-           "step": jnp.zeros((), jnp.int32)}
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  logging.info("model: %s parameters, %s", f"{num_params:,}", model_kwargs(config, num_labels))
-  return graphdef, state, rng_state, tx, schedule
-
-
-def create_train_state(config, mesh, num_labels: int, num_steps: int):
-  """(graphdef, state, rng_state, optimizer, schedule) of a fresh model, placed on the mesh.
-
-  The state is split over ``fsdp`` by `state_shardings`; the RNG state is replicated.
+  `abstract_state` (from `train_state`) carries the state's shardings: the state keeps its
+  FSDP layout across steps and is donated, the batch is split over all devices, the
+  learning-rate scale and metrics are replicated.
   """
-  graphdef, state, rng_state, tx, schedule = _train_state(
-      config, create_model(config, num_labels), num_labels, num_steps,
-      lambda tx, params: tx.init(params))
-  state = sharding.put(state, state_shardings(config, mesh, state))
-  return graphdef, state, sharding.replicate(rng_state, mesh), tx, schedule
-
-
-def abstract_train_state(config, mesh, num_labels: int, num_steps: int):
-  """As `create_train_state`, but the state is ShapeDtypeStructs with their shardings.
-
-  The target of a checkpoint restore: nothing is initialised or compiled (initialising a
-  ResNet-101 costs a compile of tens of seconds). The RNG state is real but its values do
-  not matter: the train step replaces every key from (seed, step) and eval uses none.
-  """
-  model = model_store.build_model(model_kwargs(config, num_labels), seed=config.seed,
-                                  **model_overrides(config))
-  graphdef, state, rng_state, tx, schedule = _train_state(
-      config, model, num_labels, num_steps, lambda tx, params: jax.eval_shape(tx.init, params))
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
-  state = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
-                       state, state_shardings(config, mesh, state))
-  return graphdef, state, sharding.replicate(rng_state, mesh), tx, schedule
-
-
-def image_finisher(config):
-  """``data.resize_on_device``: the device half of the train transform, else None."""
-  if not config.data.resize_on_device:
-    return None
-  data, dtype = config.data, jnp.dtype(config.model.dtype)
-  return lambda batch: augment.resize_windows(
-      batch["image"], batch["window"], batch["flip"], size=data.image_size, mean=data.mean,
-      std=data.std, dtype=dtype)
-
-
-def jit_train_step(config, graphdef, tx, schedule, mesh, state):
-  """The compiled step of `make_train_step` with explicit in/out shardings on `mesh`.
-
-  `state` (arrays or ShapeDtypeStructs) gives the train state's tree; the state keeps the
-  FSDP layout across steps and is donated, the batch is split over all devices, the RNG
-  state, learning-rate scale and metrics are replicated.
-  """
-  state_sh, repl = state_shardings(config, mesh, state), sharding.replicated(mesh)
-  step = make_train_step(graphdef, tx, schedule, seed=config.seed,
-                         reduction=config.loss.reduction, accum_steps=config.grad_accum_steps,
-                         finish_images=image_finisher(config), labels_in_loss=config.loss.labels)
-  return jax.jit(step, in_shardings=(state_sh, repl, sharding.batch_sharding(mesh), repl),
+  finish_images = None
+  if config.data.resize_on_device:
+    data, dtype = config.data, jnp.dtype(config.model.dtype)
+    finish_images = lambda batch: augment.resize_windows(  # noqa: E731
+        batch["image"], batch["window"], batch["flip"], size=data.image_size, mean=data.mean,
+        std=data.std, dtype=dtype)
+  step = make_train_step(model_def, losses.from_config(config.loss), tx, schedule,
+                         seed=config.seed, accum_steps=config.grad_accum_steps,
+                         finish_images=finish_images)
+  state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
+  repl = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh), repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,))
 
+
+# ----------------------------------------------------------------------------- the loop
 
 def open_data(config) -> pipeline.DataSource:
   """`pipeline.open_source`; with several processes, process 0 prepares the data first.
@@ -400,8 +313,6 @@ def _format_eta(seconds: float) -> str:
       f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# ----------------------------------------------------------------------------- the loop
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train (resuming from the workdir's latest checkpoint) and evaluate.
 
@@ -410,91 +321,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logged training summaries and the (sharded) arrays of the last step.
   """
   check_config(config)
-  is_chief = jax.process_index() == 0
   writer = tensorboard_writer(workdir)
 
   # --- Mesh and data.
-  mesh = make_mesh(config)
-  source = open_data(config)
-  meta = source.meta
-  num_labels = meta.num_labels
-  train_size = meta.split_sizes[config.data.train_split]
-  num_steps = total_train_steps(config, train_size)
-  steps_per_epoch = max(1, train_size // config.batch_size)
-  eval_every = config.eval_every_steps or steps_per_epoch
+  mesh = sharding.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
   local_batch = sharding.local_batch_size(config.batch_size, mesh)
   if (config.batch_size // config.grad_accum_steps) % mesh.devices.size:
     raise ValueError(f"micro-batch {config.batch_size // config.grad_accum_steps} "
                      f"(batch_size / grad_accum_steps) must be divisible by the "
                      f"{mesh.devices.size} devices")
+  source = open_data(config)
+  meta = source.meta
+  train_size = meta.split_sizes[config.data.train_split]
+  num_steps = total_train_steps(config, train_size)
+  steps_per_epoch = max(1, train_size // config.batch_size)
+  eval_every = config.eval_every_steps or steps_per_epoch
   logging.info("dataset %s: %d labels, splits %s; %d devices in %d process(es), mesh %s, "
                "global batch %d (%d on this process), %d steps (%.1f epochs)", meta.name,
-               num_labels, meta.split_sizes, mesh.devices.size, jax.process_count(),
+               meta.num_labels, meta.split_sizes, mesh.devices.size, jax.process_count(),
                dict(mesh.shape), config.batch_size, local_batch, num_steps,
                num_steps / steps_per_epoch)
 
-  # --- Model, optimizer, train state: fresh, or restored (auto-resume).
-  kwargs = model_kwargs(config, num_labels)
+  # --- Model, optimizer, LMT states, evaluator: each checks its own config section.
+  model_def = model_from_config(config, meta.num_labels)
+  tx, schedule = make_optimizer(config, num_steps)
+  states_for = label_mask.training_states(config)
+  evaluator = evaluate.Evaluator(model_def, config, mesh, source, workdir=workdir,
+                                 writer=writer)
+
+  # --- Train state: restored from the latest checkpoint (auto-resume), or fresh.
+  abstract, init = train_state(config, mesh, model_def, tx)
   ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
   plateau = Plateau(config.schedule.plateau_factor, config.schedule.plateau_patience)
   best_metric = -math.inf
-  resume = ckpts.latest_step() is not None
-  graphdef, state, rng_state, tx, schedule = (abstract_train_state if resume else
-                                              create_train_state)(config, mesh, num_labels,
-                                                                  num_steps)
-  if resume:
+  if ckpts.latest_step() is not None:
     directory, step = checkpoint.resolve(workdir, "latest")
-    state, ckpt_meta = checkpoint.restore(
-        directory, step, state, model_config=stored_model_config(kwargs), num_labels=num_labels)
+    state, ckpt_meta = checkpoint.restore(directory, step, abstract,
+                                          model_config=model_def.description,
+                                          num_labels=meta.num_labels)
     plateau = Plateau(**ckpt_meta["plateau"])
-    best_metric = ckpt_meta.get("best_metric", -math.inf)
+    best_metric = ckpt_meta["best_metric"]
     logging.info("resumed from %s/%d", directory, step)
+  else:
+    state = init()
+  num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  logging.info("model: %s parameters, %s", f"{num_params:,}", model_def.description)
   start_step = int(state["step"])
 
   def checkpoint_meta():
-    return {"model": stored_model_config(kwargs), "num_labels": num_labels,
+    return {"model": model_def.description, "num_labels": meta.num_labels,
             "label_names": list(meta.label_names), "seed": config.seed,
             "data_position": {"examples_seen": int(state["step"]) * config.batch_size,
                               "batch_size": config.batch_size},
             "plateau": dataclasses.asdict(plateau), "best_metric": best_metric}
 
-  # --- Compiled steps.
-  train_step = jit_train_step(config, graphdef, tx, schedule, mesh, state)
-  evaluator = evaluate.Evaluator(graphdef, config, mesh, source)
-  reports = {}  # split -> (step, report) of its latest evaluation
-
-  def run_evaluation(split, step):
-    if reports.get(split, (None,))[0] != step:
-      report = evaluator.run(state, rng_state, split)
-      evaluate.log_report(writer, report, step=step, split=split)
-      evaluate.append_history(workdir, report, step=step, split=split)
-      reports[split] = (step, report)
-    return reports[split][1]
-
   # --- Loop.
+  train_step = jit_train_step(config, model_def, tx, schedule, mesh, abstract)
   train_iter = pipeline.train_dataset(
       source, batch_size=local_batch, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
-  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-  pending, last_log_time, last_log_step = [], time.perf_counter(), start_step
-  train_log = []
+  pending, train_log = [], []
+  last_log_time, last_log_step = time.perf_counter(), start_step
   if start_step >= num_steps:
     logging.info("training already complete at step %d; evaluating", start_step)
   for step in range(start_step, num_steps):
     local = next(train_iter)
-    local["states"] = (label_mask.train_states(
-        local["labels"], local["example_id"], step=step, seed=config.seed,
-        max_known_fraction=config.lmt.max_known_fraction,
-        num_maskable=config.lmt.num_maskable,
-        all_unknown_fraction=config.lmt.all_unknown_fraction) if config.model.use_lmt
-        else np.full(local["labels"].shape, label_mask.UNKNOWN, np.int32))
+    local["states"] = states_for(local["labels"], local["example_id"], step)
     batch = sharding.global_batch(
         {k: local[k] for k in ("image", "labels", "states", "window", "flip") if k in local},
         mesh)
-    state, metrics = train_step(state, rng_state, batch, jnp.float32(plateau.scale))
+    state, metrics = train_step(state, batch, jnp.float32(plateau.scale))
     pending.append(metrics)
     done = step + 1
-    progress(done)
 
     if done % config.log_every_steps == 0 or done == num_steps:
       summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
@@ -507,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       train_log.append({"step": done, **summary})
       logging.info("step %d/%d  loss %.4f  bce %.4f  lr %.2e  grad_norm %.3f  %.2f steps/s  "
                    "%.0f ex/s  ETA %s", done, num_steps, summary["loss"],
-                   summary["bce_per_unknown"], summary["lr"], summary["grad_norm"],
+                   summary["bce_per_entry"], summary["lr"], summary["grad_norm"],
                    steps_per_s, summary["examples_per_sec"],
                    _format_eta((num_steps - done) / max(steps_per_s, 1e-9)))
       if not math.isfinite(summary["loss"]):
@@ -518,11 +416,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     is_best = False
     if done % eval_every == 0 or done == num_steps:
-      report = run_evaluation(config.data.eval_split, done)
-      first = report["known"][evaluate.fraction_key(config.eval.known_fractions[0])]
+      report = evaluator.evaluate(state, config.data.eval_split, done)
+      first = report["known"][evaluate.fraction_key(evaluator.fractions[0])]
       if config.schedule.name == "plateau" and plateau.update(first["loss"]):
         logging.info("validation loss plateaued: learning rate scale now %g", plateau.scale)
-      selected = evaluate.selection_value(report, config)  # eval.selection_metric
+      selected = evaluator.selection_value(report)
       if selected > best_metric:
         best_metric, is_best = selected, True
       last_log_time = time.perf_counter()  # evaluation time is not training speed
@@ -532,48 +430,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Final report on the evaluation and test splits.
   ckpts.wait()
   final_step = int(state["step"])
-  final = {split: run_evaluation(split, final_step)
-           for split in dict.fromkeys((config.data.eval_split, config.data.test_split)) if split}
-  path = evaluate.write_results(workdir, final, step=final_step,
-                                checkpoint=f"checkpoints/{final_step}", meta=meta)
-  if is_chief:
-    for split, report in final.items():
-      print(f"\n{meta.name} / {split} @ step {final_step}")
-      print(evaluate.table(report))
-    print(f"\nresults: {path}")
+  reports = evaluator.final_report(state, final_step, f"checkpoints/{final_step}")
   writer.flush()
   ckpts.close()
-  return {"reports": final, "train_log": train_log, "state": state}
+  return {"reports": reports, "train_log": train_log, "state": state}
 
+
+# ----------------------------------------------------------------------------- evaluation only
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         which: str = "latest") -> dict:
   """``--mode=eval``: evaluate a saved checkpoint on the evaluation and test splits."""
-  check_config(config)
   writer = tensorboard_writer(workdir)
   directory, step = checkpoint.resolve(workdir, which)
-  mesh = make_mesh(config)
+  mesh = sharding.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
   source = open_data(config)
-  meta = source.meta
-  num_steps = total_train_steps(config, meta.split_sizes[config.data.train_split])
-  graphdef, state, rng_state, _, _ = abstract_train_state(config, mesh, meta.num_labels,
-                                                          num_steps)
-  state, _ = checkpoint.restore(directory, step, state, num_labels=meta.num_labels,
-                                model_config=stored_model_config(
-                                    model_kwargs(config, meta.num_labels)))
-  evaluator = evaluate.Evaluator(graphdef, config, mesh, source)
-  reports = {}
-  for split in dict.fromkeys((config.data.eval_split, config.data.test_split)):
-    if split:
-      reports[split] = evaluator.run(state, rng_state, split)
-      evaluate.log_report(writer, reports[split], step=step, split=split)
-      evaluate.append_history(workdir, reports[split], step=step, split=split)
+  model_def = model_from_config(config, source.meta.num_labels)
+  evaluator = evaluate.Evaluator(model_def, config, mesh, source, workdir=workdir,
+                                 writer=writer)
+  num_steps = total_train_steps(config, source.meta.split_sizes[config.data.train_split])
+  tx, _ = make_optimizer(config, num_steps)
+  abstract, _ = train_state(config, mesh, model_def, tx)
+  state, _ = checkpoint.restore(directory, step, abstract, num_labels=source.meta.num_labels,
+                                model_config=model_def.description)
   label = os.path.relpath(os.path.join(directory, str(step)), workdir)
-  path = evaluate.write_results(workdir, reports, step=step, checkpoint=label, meta=meta)
-  if jax.process_index() == 0:
-    for split, report in reports.items():
-      print(f"\n{meta.name} / {split} @ step {step} ({label})")
-      print(evaluate.table(report))
-    print(f"\nresults: {path}")
+  reports = evaluator.final_report(state, step, label)
   writer.flush()
   return reports

@@ -40,8 +40,9 @@ def save_both(num_steps: int) -> dict:
       coordinator_address=main._COORDINATOR.value, num_processes=main._NUM_PROCESSES.value,
       process_id=main._PROCESS_ID.value, local_device_ids=None, timeout=main._INIT_TIMEOUT.value)
   mesh = sharding.make_mesh(-1, fsdp=2)
-  state = {"w": np.arange(64.0, dtype=np.float32).reshape(8, 8), "b": np.ones(3, np.float32)}
-  state = sharding.put(state, sharding.state_shardings(state, mesh, min_size=16))
+  values = {"w": np.arange(64.0, dtype=np.float32).reshape(8, 8), "b": np.ones(3, np.float32)}
+  state = jax.jit(lambda: jax.tree.map(jax.numpy.asarray, values),
+                  out_shardings=sharding.state_shardings(values, mesh, min_size=16))()
   ckpts = checkpoint.Checkpoints(main._WORKDIR.value, keep=2)
   for step in range(1, num_steps + 1):
     ckpts.save(step, state, {"step_note": step}, best=True)

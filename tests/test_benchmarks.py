@@ -52,10 +52,9 @@ def parse_table(text):
 @pytest.fixture(scope="module")
 def tiny_result():
   config = tiny_config()
-  combos, has_remat = tt.combinations(config)
-  assert combos == [("float32", "none")]
-  result = tt.measure(config, dtype="float32", remat="none", has_remat=has_remat,
-                      batch_size=16, num_labels=6, steps=3, warmup=1, tag="[test]")
+  assert tt.combinations(config) == [("float32", "none")]
+  result = tt.measure(config, dtype="float32", remat="none", batch_size=16, num_labels=6,
+                      steps=3, warmup=1, tag="[test]")
   tt.add_rates([result], {"float32": PEAK})
   return result
 
@@ -170,11 +169,8 @@ def test_bad_combinations_are_clear_errors():
     tt.combinations(config, "float32,float16")
   with pytest.raises(ValueError, match="--remat has 'some'"):
     tt.combinations(config, "", "some")
-  combos, has_remat = tt.combinations(config, "float32,bfloat16", "none")
-  assert combos == [("float32", "none"), ("bfloat16", "none")]
-  if not has_remat:
-    with pytest.raises(ValueError, match="only --remat=none"):
-      tt.combinations(config, "", "none,all")
+  assert tt.combinations(config, "float32,bfloat16", "none,all") == [
+      ("float32", "none"), ("float32", "all"), ("bfloat16", "none"), ("bfloat16", "all")]
 
 
 @pytest.mark.slow

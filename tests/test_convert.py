@@ -9,8 +9,8 @@ import types
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_inputs, tiny_ctran
 from flax import nnx
+from helpers import random_inputs, tiny_ctran
 
 from ctran_jax import convert, model_store
 

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
 from flax import nnx
+from helpers import TINY
 from synthetic_weights import PARITY_DIR, read_spec, sha256_fingerprint, synthetic_state_dict
 
 from ctran_jax import convert, model_store
@@ -359,14 +359,9 @@ def test_ctran_config_round_trip(cub_ctran):
   _, model = cub_ctran
   config = model_store.model_config(model)
   assert config["backbone"] == "inception_v3" and "backbone_depth" not in config
-  rebuilt = model_store.build_model(config)
+  rebuilt = nnx.eval_shape(model_store.constructor(config))
   assert isinstance(rebuilt.backbone, InceptionV3)
   assert model_store.model_config(rebuilt) == config
-  # model.json files written before the option existed describe ResNet C-Trans
-  resnet_config = model_store.model_config(abstract_tiny_ctran())
-  assert resnet_config["backbone"] == "resnet"
-  old = {k: v for k, v in resnet_config.items() if k != "backbone"}
-  assert isinstance(model_store.build_model(old).backbone, model_store.ResNet)
   with pytest.raises(ValueError, match="backbone must be one of"):
     CTran(3, backbone="vgg", rngs=nnx.Rngs(0))
 
@@ -399,8 +394,10 @@ def test_cli_keeps_heads_and_bfloat16_restore_runs(tmp_path, torch_weights, feat
 
 
 @pytest.mark.slow
-def test_init_model_builds_torchvisions_initialisation():
-  fresh = model_store.init_model({"kind": "inception_v3", "aux_logits": 10, "num_classes": 0})
+def test_initialisation_follows_torchvision():
+  make = model_store.constructor({"kind": "inception_v3", "aux_logits": 10, "num_classes": 0})
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  fresh = nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
   kernel = np.asarray(fresh.Conv2d_1a_3x3.conv.kernel[...])
   assert 0.07 < kernel.std() < 0.1 and np.abs(kernel).max() <= 0.2  # N(0, 0.1) cut at 2 std
   aux_fc = np.asarray(fresh.AuxLogits.fc.kernel[...])

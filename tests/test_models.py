@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_inputs, tiny_ctran
 from flax import nnx
+from helpers import random_inputs, tiny_ctran
 from synthetic_weights import PARITY_DIR
 
 from ctran_jax import convert
@@ -183,3 +183,19 @@ def test_bad_options_are_reported():
     tiny_ctran(heads=5)
   with pytest.raises(ValueError, match="num_labels"):
     CTran(0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("config_name,variant", [("default", None), ("coco", "full"),
+                                                 ("cub", None), ("folder", None)])
+def test_the_config_description_is_the_built_models_description(config_name, variant):
+  """One description of a model: what configs describe is what the built model reports."""
+  import importlib
+
+  from ctran_jax import model_store, train
+
+  module = importlib.import_module(f"configs.{config_name}")
+  config = module.get_config(variant) if variant else module.get_config()
+  model_def = train.model_from_config(config, 17)
+  built = nnx.eval_shape(model_def.make)
+  assert model_store.model_config(built) == model_def.description
+  assert model_def.description["backbone"] == config.model.backbone

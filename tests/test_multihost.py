@@ -22,11 +22,12 @@ import subprocess
 import sys
 import time
 
+import helpers
 import jax
 import numpy as np
 import pytest
+from helpers import demo_config
 
-from configs import default
 from ctran_jax import checkpoint, main, train
 from ctran_jax.data import demo, pipeline
 
@@ -54,38 +55,13 @@ ONE_PROCESS_MESH = {"mesh.num_devices": 4}  # data=4, fsdp=1
 
 
 def make_config(data_dir, overrides):
-  c = default.get_config()
-  for key, value in {**OVERRIDES, "data.data_dir": data_dir, **overrides}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return demo_config(**{**OVERRIDES, "data.data_dir": data_dir, **overrides})
 
 
 def write_config_file(path, data_dir, overrides) -> str:
   """A config file for the command line equal to `make_config(data_dir, overrides)`."""
-  path.write_text(f'''
-import importlib.util
-
-spec = importlib.util.spec_from_file_location("ctran_default", {REPO!r} + "/configs/default.py")
-default = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(default)
-OVERRIDES = {({**OVERRIDES, "data.data_dir": data_dir, **overrides})!r}
-
-
-def get_config():
-  c = default.get_config()
-  for key, value in OVERRIDES.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-''')
-  return str(path)
+  return helpers.write_config_file(path, **{**OVERRIDES, "data.data_dir": data_dir,
+                                            **overrides})
 
 
 def free_port() -> int:
@@ -180,7 +156,7 @@ def runs(demo_data_dir, tmp_path_factory):
   directory, step = checkpoint.resolve(two, "latest")
   restored_two, _ = checkpoint.restore(
       directory, step, single["state"], num_labels=NUM_LABELS,
-      model_config=train.stored_model_config(train.model_kwargs(one_config, NUM_LABELS)))
+      model_config=train.model_from_config(one_config, NUM_LABELS).description)
   timings["cross evaluation"] = time.perf_counter() - start
   print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
   return {"single": single, "records": records, "output": output,

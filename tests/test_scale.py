@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import demo_config
 from jax.sharding import PartitionSpec as P
 
-from configs import default
 from ctran_jax import checkpoint, label_mask, sharding, train
 from ctran_jax.models.resnet import BN_MOMENTUM
 
@@ -34,14 +34,7 @@ MESHES = {  # name -> config overrides
 
 
 def make_config(**overrides):
-  c = default.get_config()
-  for key, value in {**OVERRIDES, **overrides}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return demo_config(**{**OVERRIDES, **overrides})
 
 
 def batches():
@@ -60,26 +53,36 @@ def host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def mesh_of(config):
+  return sharding.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
+
+
+def abstract_state(config, mesh):
+  """The model definition, optimizer, schedule and abstract train state of `config`."""
+  model_def = train.model_from_config(config, NUM_LABELS)
+  tx, schedule = train.make_optimizer(config, STEPS)
+  abstract, init = train.train_state(config, mesh, model_def, tx)
+  return model_def, tx, schedule, abstract, init
+
+
 @pytest.fixture(scope="module")
 def runs():
   """name -> losses, gradient norms, BatchNorm statistics after step 1, final state."""
   config = make_config(**MESHES["one"])
-  _, state, rng_state, tx, schedule = train.create_train_state(
-      config, train.make_mesh(config), NUM_LABELS, STEPS)
-  initial, initial_rng = host(state), jax.device_get(rng_state)
+  initial = host(abstract_state(config, mesh_of(config))[-1]())
   data = batches()
   out = {"initial": initial, "batches": data}
   for name, overrides in MESHES.items():
     config = make_config(**overrides)
-    mesh = train.make_mesh(config)
-    # The model skeleton of this config (its compute dtype); the weights are `initial`'s.
-    graphdef = train.abstract_train_state(config, mesh, NUM_LABELS, STEPS)[0]
-    state = sharding.put(initial, train.state_shardings(config, mesh, initial))
-    rng = sharding.replicate(initial_rng, mesh)
-    step = train.jit_train_step(config, graphdef, tx, schedule, mesh, state)
+    mesh = mesh_of(config)
+    # The model and state layout of this config (its compute dtype, its mesh); the
+    # weights are `initial`'s.
+    model_def, tx, schedule, abstract, _ = abstract_state(config, mesh)
+    state = jax.device_put(initial, jax.tree.map(lambda x: x.sharding, abstract))
+    step = train.jit_train_step(config, model_def, tx, schedule, mesh, abstract)
     losses, grad_norms, stats = [], [], None
     for batch in data:
-      state, metrics = step(state, rng, sharding.global_batch(batch, mesh), jnp.float32(1.0))
+      state, metrics = step(state, sharding.global_batch(batch, mesh), jnp.float32(1.0))
       losses.append(float(metrics["loss"]))
       grad_norms.append(float(metrics["grad_norm"]))
       stats = host(state["batch_stats"]) if stats is None else stats
@@ -192,8 +195,7 @@ def test_checkpoint_of_the_fsdp_mesh_restores_on_one_device(runs, tmp_path):
   ckpts.save(STEPS, state, {"model": model, "num_labels": NUM_LABELS})
   ckpts.close()
   config = make_config(**MESHES["one"])
-  mesh = train.make_mesh(config)
-  target = train.abstract_train_state(config, mesh, NUM_LABELS, STEPS)[1]
+  target = abstract_state(config, mesh_of(config))[3]
   restored, meta = checkpoint.restore(str(tmp_path / "checkpoints"), STEPS, target,
                                       model_config=model, num_labels=NUM_LABELS)
   assert meta["step"] == STEPS
@@ -212,7 +214,9 @@ def test_mesh_and_batch_rules():
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     sharding.local_batch_size(12, mesh)
   with pytest.raises(ValueError, match="config.mesh.fsdp=0"):
-    train.check_config(make_config(**{"mesh.fsdp": 0}))
+    mesh_of(make_config(**{"mesh.fsdp": 0}))
+  with pytest.raises(ValueError, match="config.mesh.fsdp_min_size=-1"):
+    sharding.state_shardings({"x": np.zeros(4)}, mesh, -1)
   rows = sharding.global_batch({"x": np.arange(16)}, sharding.make_mesh(4, fsdp=2))["x"]
   assert rows.sharding.spec == P(("data", "fsdp"))
   assert [s.data.tolist() for s in rows.addressable_shards] == [
