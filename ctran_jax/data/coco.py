@@ -57,7 +57,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ctran_jax.data import adapters
+from ctran_jax.data import adapters, common
 
 # The 80 COCO object categories as (category id, name), in id order = label order.
 CATEGORIES = (
@@ -295,9 +295,7 @@ class CtranCoco2014(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "labels": tfds.features.Tensor(shape=(NUM_LABELS,), dtype=np.uint8),
+        features=common.features(NUM_LABELS, **{
             "image/id": tfds.features.Scalar(dtype=np.int64),
             "image/filename": tfds.features.Text(),
         }),
@@ -308,18 +306,7 @@ class CtranCoco2014(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    try:
-      manual_dir = dl_manager.manual_dir
-    except AssertionError:  # missing or empty: still say which files are wanted
-      manual_dir = getattr(dl_manager, "_manual_dir", None)
-      if manual_dir is None:
-        raise
-    manual_dir = epath.Path(manual_dir)
-    missing = self.missing_manual_files(os.fspath(manual_dir))
-    if missing:
-      raise FileNotFoundError(
-          f"COCO-2014 files missing from manual_dir {os.fspath(manual_dir)}:\n  "
-          + "\n  ".join(missing) + "\n" + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    manual_dir = epath.Path(common.manual_dir(self, dl_manager))
     # Parse (and check) both annotation files before writing anything.
     annotations = _annotation_sources(manual_dir)
     records = {}
@@ -376,9 +363,8 @@ def builtin_to_example(permutation: np.ndarray):
 
   def to_example(ex: dict) -> dict:
     classes = tf.gather(table, tf.cast(tf.reshape(ex["objects"]["label"], [-1]), tf.int64))
-    hits = tf.equal(classes[:, None], tf.range(NUM_LABELS, dtype=tf.int64)[None, :])
     out = {k: v for k, v in ex.items() if k != "objects"}
-    out["labels"] = tf.cast(tf.reduce_any(hits, axis=0), tf.int32)
+    out["labels"] = common.multi_hot_graph(classes, NUM_LABELS)
     return out
 
   return to_example

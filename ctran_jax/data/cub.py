@@ -83,6 +83,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from ctran_jax.data import common
+
 URL = "https://data.caltech.edu/records/65de6-vvk48"
 ARCHIVE = "CUB_200_2011.tgz"
 ROOT = "CUB_200_2011"
@@ -487,29 +489,21 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "labels": tfds.features.Tensor(shape=(num_labels,), dtype=np.uint8),
-            "class_label": tfds.features.ClassLabel(num_classes=c.num_classes),
-            "attribute_labels": tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.uint8),
-            "attribute_certainty": tfds.features.Tensor(shape=(NUM_ATTRIBUTES,),
-                                                        dtype=np.uint8),
-            "label_visible": tfds.features.Tensor(shape=(num_labels,), dtype=np.bool_),
-            "image/id": tfds.features.Scalar(dtype=np.int64),
-            "image/filename": tfds.features.Text(),
-        }),
+        features=common.features(
+            num_labels,
+            class_label=tfds.features.ClassLabel(num_classes=c.num_classes),
+            attribute_labels=tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.uint8),
+            attribute_certainty=tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.uint8),
+            label_visible=tfds.features.Tensor(shape=(num_labels,), dtype=np.bool_),
+            **{"image/id": tfds.features.Scalar(dtype=np.int64),
+               "image/filename": tfds.features.Text()}),
         # Filled from the annotations in _split_generators and saved with the dataset.
         metadata=tfds.core.MetadataDict(),
         homepage=URL,
     )
 
   def _split_generators(self, dl_manager):
-    # Not dl_manager.manual_dir first: it raises a bare AssertionError for an empty dir.
-    manual_dir = os.fspath(getattr(dl_manager, "_manual_dir", None) or dl_manager.manual_dir)
-    missing = self.missing_manual_files(manual_dir)
-    if missing:
-      raise FileNotFoundError(f"ctran_cub needs these files in the manual_dir {manual_dir!r}:\n  "
-                              + "\n  ".join(missing) + "\n" + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    manual_dir = common.manual_dir(self, dl_manager)
     c = self.builder_config
     source = _source(manual_dir)
     files = source.annotation_files()
@@ -580,12 +574,11 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
     for path, data in source.images(row_of):
       r = row_of[path]
       label = int(ann.classes[r])
-      one_hot = np.arange(c.num_classes) == label
       visible = ann.certainties[r, concepts] != NOT_VISIBLE
       seen += 1
       yield int(ann.image_ids[r]), {
           "image": data,
-          "labels": np.concatenate([table[label], one_hot]).astype(np.uint8),
+          "labels": np.concatenate([table[label], common.multi_hot([label], c.num_classes)]),
           "class_label": label,
           "attribute_labels": ann.attributes[r],
           "attribute_certainty": ann.certainties[r],

@@ -43,6 +43,8 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ctran_jax.data import common
+
 # Four themes of four categories (9 shapes, 7 textures); within a theme the categories look
 # unrelated on purpose, so co-occurrence is something to learn, not a visual shortcut.
 THEMES = (
@@ -200,10 +202,9 @@ def render_example(rng: np.random.Generator, image_size: int = 64) -> dict:
       break
     keep.remove(min(hidden, key=lambda i: visible[i]))
   image = background
-  labels = np.zeros(len(LABEL_NAMES), np.uint8)
   for i in keep:
     image = np.where(masks[i][..., None], colours[i], image)
-    labels[label_index[names[i]]] = 1
+  labels = common.multi_hot((label_index[names[i]] for i in keep), len(LABEL_NAMES))
   image = image + rng.normal(0, 8.0, size=image.shape)
   return {"image": np.clip(np.rint(image), 0, 255).astype(np.uint8), "labels": labels,
           "num_objects": np.int32(len(keep)), "theme": np.int32(theme)}
@@ -238,12 +239,10 @@ class CtranDemo(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(size, size, 3), dtype=np.uint8),
-            "labels": tfds.features.Tensor(shape=(len(LABEL_NAMES),), dtype=np.uint8),
-            "num_objects": tfds.features.Scalar(dtype=np.int32),
-            "theme": tfds.features.Scalar(dtype=np.int32),
-        }),
+        features=common.features(
+            len(LABEL_NAMES), image=tfds.features.Image(shape=(size, size, 3), dtype=np.uint8),
+            num_objects=tfds.features.Scalar(dtype=np.int32),
+            theme=tfds.features.Scalar(dtype=np.int32)),
         metadata=tfds.core.MetadataDict(
             label_names=list(LABEL_NAMES),
             themes=[[LABEL_NAMES.index(n) for n in theme] for theme in THEMES]),

@@ -57,6 +57,8 @@ import zipfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ctran_jax.data import common
+
 _OBJECTS = ("objects.json", "objects.json.zip")  # read in this order of preference
 _OBJECTS_URL = ("https://homes.cs.washington.edu/~ranjay/visualgenome/data/dataset/"
                 "objects.json.zip")
@@ -225,12 +227,9 @@ class CtranVg500(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
+        features=common.features(self.builder_config.num_labels, **{
             "image/filename": tfds.features.Text(),
             "image/id": tfds.features.Scalar(dtype=np.int64),
-            "labels": tfds.features.Tensor(shape=(self.builder_config.num_labels,),
-                                           dtype=np.uint8),
         }),
         # Filled in by _split_generators: the label names depend on objects.json.
         metadata=tfds.core.MetadataDict(),
@@ -238,15 +237,7 @@ class CtranVg500(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    try:
-      manual_dir = os.fspath(dl_manager.manual_dir)
-    except AssertionError as e:  # TFDS: the manual directory is missing or empty
-      raise FileNotFoundError(f"{str(e).splitlines()[0]}\nctran_vg500 needs:\n  " + "\n  ".join(
-          line for _, _, line in _required_files())) from None
-    missing = self.missing_manual_files(manual_dir)
-    if missing:
-      raise FileNotFoundError(f"ctran_vg500: missing in the manual directory {manual_dir}:\n  "
-                              + "\n  ".join(missing))
+    manual_dir = common.manual_dir(self, dl_manager)
     c = self.builder_config
     source, image_names = read_objects(manual_dir)
     ranked = rank_names(image_names)
@@ -281,8 +272,6 @@ class CtranVg500(tfds.core.GeneratorBasedBuilder):
     with contextlib.closing(_Images(manual_dir)) as images:
       num_labels = self.builder_config.num_labels
       for image_id, hot in examples:
-        labels = np.zeros(num_labels, np.uint8)
-        labels[hot] = 1
         yield image_id, {"image": images.read(image_id),
                          "image/filename": images.filename(image_id),
-                         "image/id": image_id, "labels": labels}
+                         "image/id": image_id, "labels": common.multi_hot(hot, num_labels)}
