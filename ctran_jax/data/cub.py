@@ -74,7 +74,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -84,6 +83,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from ctran_jax.data import common
+from ctran_jax.data import files as files_lib
 
 URL = "https://data.caltech.edu/records/65de6-vvk48"
 ARCHIVE = "CUB_200_2011.tgz"
@@ -346,85 +346,11 @@ def _attribute_lines(source: str, data: bytes, ids: np.ndarray, certainty_ids):
 # ---------------------------------------------------------------------------- sources
 
 
-class _Folder:
-  """The extracted ``CUB_200_2011/`` folder (plus ``attributes.txt`` beside it or inside)."""
-
-  def __init__(self, manual_dir: str):
-    self.manual_dir = manual_dir
-    self.where = os.path.join(manual_dir, ROOT)
-
-  def _path(self, name: str) -> str:
-    return os.path.join(self.manual_dir, *name.split("/"))
-
-  describe = _path
-
-  def annotation_files(self) -> dict[str, bytes]:
-    files = {}
-    for name in (*ATTRIBUTES_TXT, *_TABLES):
-      path = self._path(name)
-      if os.path.isfile(path):
-        with open(path, "rb") as f:
-          files[name] = f.read()
-    return files
-
-  def missing_images(self, paths) -> list[str]:
-    return [p for p in paths if not os.path.isfile(self._path(IMAGES_DIR + p))]
-
-  def images(self, paths) -> Iterator[tuple[str, bytes]]:
-    for p in sorted(paths):
-      with open(self._path(IMAGES_DIR + p), "rb") as f:
-        yield p, f.read()
-
-
-class _Archive:
-  """``CUB_200_2011.tgz``, read member by member as a gzip stream (nothing extracted)."""
-
-  def __init__(self, path: str):
-    self.path = self.where = path
-    self._image_members: set[str] | None = None
-
-  def describe(self, name: str) -> str:
-    return f"{self.path}: {name}"
-
-  def _members(self, want) -> Iterator[tuple[str, bytes | None]]:
-    """(name, data if ``want(name)`` else None) of every file member, in archive order."""
-    try:
-      with tarfile.open(self.path, "r|gz") as tar:
-        for member in tar:
-          if member.isfile():
-            name = member.name[2:] if member.name.startswith("./") else member.name
-            yield name, tar.extractfile(member).read() if want(name) else None
-    except (tarfile.TarError, OSError, EOFError) as e:
-      raise ValueError(f"{self.path} is not a readable .tgz ({e}); download it again from "
-                       f"{URL}") from e
-
-  def annotation_files(self) -> dict[str, bytes]:
-    files, images = {}, set()
-    wanted = {*ATTRIBUTES_TXT, *_TABLES}
-    for name, data in self._members(wanted.__contains__):
-      if data is not None:
-        files[name] = data
-      elif name.startswith(IMAGES_DIR):
-        images.add(name[len(IMAGES_DIR):])
-    self._image_members = images
-    return files
-
-  def missing_images(self, paths) -> list[str]:
-    assert self._image_members is not None, "call annotation_files first"
-    return [p for p in paths if p not in self._image_members]
-
-  def images(self, paths) -> Iterator[tuple[str, bytes]]:
-    wanted = {IMAGES_DIR + p for p in paths}
-    for name, data in self._members(wanted.__contains__):
-      if data is not None:
-        yield name[len(IMAGES_DIR):], data
-
-
-def _source(manual_dir: str):
-  """The folder when it has images.txt (random access, fast), else the archive."""
+def _files(manual_dir: str) -> files_lib.Files:
+  """The extracted folder when it has images.txt (random access), else the archive."""
   if os.path.isfile(os.path.join(manual_dir, *IMAGES_TXT.split("/"))):
-    return _Folder(manual_dir)
-  return _Archive(os.path.join(manual_dir, ARCHIVE))
+    return files_lib.Files(manual_dir)
+  return files_lib.Files(os.path.join(manual_dir, ARCHIVE), url=URL)
 
 
 # ---------------------------------------------------------------------------- builder
@@ -472,13 +398,12 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
       return []
     if not os.path.isdir(os.path.join(manual_dir, ROOT)):
       return [f"{ARCHIVE} (or its extracted folder {ROOT}/ with attributes.txt): {URL}"]
+    folder = files_lib.Files(manual_dir)
     missing = []
-    if not any(os.path.isfile(os.path.join(manual_dir, *n.split("/"))) for n in ATTRIBUTES_TXT):
+    if len(folder.missing(ATTRIBUTES_TXT)) == len(ATTRIBUTES_TXT):
       missing.append(f"attributes.txt (top level of {ARCHIVE}; put it beside {ROOT}/ or in "
                      f"{ROOT}/attributes/): {URL}")
-    for name in _TABLES:
-      if not os.path.isfile(os.path.join(manual_dir, *name.split("/"))):
-        missing.append(f"{name} (part of {ARCHIVE}): {URL}")
+    missing += [f"{name} (part of {ARCHIVE}): {URL}" for name in folder.missing(_TABLES)]
     if not os.path.isdir(os.path.join(manual_dir, *IMAGES_DIR.split("/"))):
       missing.append(f"{IMAGES_DIR} (part of {ARCHIVE}): {URL}")
     return missing
@@ -503,23 +428,22 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    manual_dir = common.manual_dir(self, dl_manager)
     c = self.builder_config
-    source = _source(manual_dir)
-    files = source.annotation_files()
-    absent = [name for name in _TABLES if name not in files]
-    if not any(name in files for name in ATTRIBUTES_TXT):
+    files = _files(common.manual_dir(self, dl_manager))
+    # One pass over a tgz reads the tables and lists the images.
+    tables = dict(files.read_all({*ATTRIBUTES_TXT, *_TABLES}))
+    absent = [name for name in _TABLES if name not in tables]
+    if not any(name in tables for name in ATTRIBUTES_TXT):
       absent.insert(0, " or ".join(ATTRIBUTES_TXT))
     if absent:
-      raise FileNotFoundError(f"{source.where} lacks {', '.join(absent)}; get a complete "
+      raise FileNotFoundError(f"{files.path} lacks {', '.join(absent)}; get a complete "
                               f"{ARCHIVE} from {URL}")
-    ann = parse_annotations(files, c.num_classes, source.describe)
-    missing_images = source.missing_images(ann.paths)
+    ann = parse_annotations(tables, c.num_classes, files.describe)
+    missing_images = files.missing(IMAGES_DIR + p for p in ann.paths)
     if missing_images:
       raise FileNotFoundError(
           f"{len(missing_images)} image(s) listed in {IMAGES_TXT} are missing from "
-          f"{source.where}, e.g. {IMAGES_DIR}{missing_images[0]}; get a complete {ARCHIVE} "
-          f"from {URL}")
+          f"{files.path}, e.g. {missing_images[0]}; get a complete {ARCHIVE} from {URL}")
 
     concepts, table = self._concepts(ann)
     self._set_metadata(ann, concepts)
@@ -528,7 +452,7 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
             "validation": np.flatnonzero(ann.is_train & validation),
             "test": np.flatnonzero(~ann.is_train)}
     logging.info("ctran_cub: %s", ", ".join(f"{k} {len(v)}" for k, v in rows.items()))
-    return {split: self._generate_examples(source, ann, concepts, table, r)
+    return {split: self._generate_examples(files, ann, concepts, table, r)
             for split, r in rows.items()}
 
   def _concepts(self, ann: Annotations) -> tuple[np.ndarray, np.ndarray]:
@@ -567,12 +491,12 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
         num_groups=len(groups), attribute_names=list(ann.attribute_names),
         min_classes=c.min_classes)
 
-  def _generate_examples(self, source, ann: Annotations, concepts, table, rows):
+  def _generate_examples(self, files, ann: Annotations, concepts, table, rows):
     c = self.builder_config
-    row_of = {ann.paths[r]: r for r in rows}
+    row_of = {IMAGES_DIR + ann.paths[r]: r for r in rows}
     seen = 0
-    for path, data in source.images(row_of):
-      r = row_of[path]
+    for name, data in files.read_all(row_of):
+      r = row_of[name]
       label = int(ann.classes[r])
       visible = ann.certainties[r, concepts] != NOT_VISIBLE
       seen += 1
@@ -584,8 +508,8 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
           "attribute_certainty": ann.certainties[r],
           "label_visible": np.concatenate([visible, np.ones(c.num_classes, bool)]),
           "image/id": int(ann.image_ids[r]),
-          "image/filename": path,
+          "image/filename": ann.paths[r],
       }
     if seen != len(row_of):
-      raise FileNotFoundError(f"{source.where}: {len(row_of) - seen} image(s) of this split "
+      raise FileNotFoundError(f"{files.path}: {len(row_of) - seen} image(s) of this split "
                               "disappeared while reading; check the archive")

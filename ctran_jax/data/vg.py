@@ -50,14 +50,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import re
 import string
-import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from ctran_jax.data import common
+from ctran_jax.data import files as files_lib
 
 _OBJECTS = ("objects.json", "objects.json.zip")  # read in this order of preference
 _OBJECTS_URL = ("https://homes.cs.washington.edu/~ranjay/visualgenome/data/dataset/"
@@ -129,16 +130,15 @@ def _compact(path: str):
 def read_objects(manual_dir: str) -> tuple[str, dict[int, frozenset[str]]]:
   """(file read, {image_id: normalised object names}) from objects.json (else its zip)."""
   plain, archive = (os.path.join(manual_dir, f) for f in _OBJECTS)
-  path = plain if os.path.isfile(plain) else archive
-  with contextlib.ExitStack() as stack:
-    if path == plain:
-      f = stack.enter_context(open(plain, "rb"))
-    else:
-      zf = stack.enter_context(zipfile.ZipFile(archive))
-      members = [m for m in zf.namelist() if os.path.basename(m) == "objects.json"]
-      if not members:
-        raise ValueError(f"{archive} holds no objects.json; download it again: {_OBJECTS_URL}")
-      f = stack.enter_context(zf.open(members[0]))
+  if os.path.isfile(plain):
+    path, files, member = plain, files_lib.Files(manual_dir), _OBJECTS[0]
+  else:
+    path, files = archive, files_lib.Files(archive, url=_OBJECTS_URL)
+    member = next((m for m in files.names() if posixpath.basename(m) == "objects.json"), None)
+    if member is None:
+      files.close()
+      raise ValueError(f"{archive} holds no objects.json; download it again: {_OBJECTS_URL}")
+  with files, files.open(member) as f:
     try:
       entries = json.load(f, object_hook=_compact(path))
     except json.JSONDecodeError as e:
@@ -160,32 +160,29 @@ class _Images:
   """``<id>.jpg`` files of VG_100K / VG_100K_2, from the folders or the zips."""
 
   def __init__(self, manual_dir: str):
-    self._zips: dict[str, zipfile.ZipFile] = {}
-    self.index: dict[int, tuple[str, str, str]] = {}  # id -> (folder, kind, path or member)
-    for folder, archive, _ in reversed(_IMAGE_SOURCES):  # earlier sources overwrite later
-      directory, zip_path = os.path.join(manual_dir, folder), os.path.join(manual_dir, archive)
-      if os.path.isdir(directory):
-        found = {m.group(1): ("dir", os.path.join(directory, name)) for name in
-                 os.listdir(directory) if (m := _IMAGE_NAME.fullmatch(name))}
-      else:
-        zf = self._zips[zip_path] = zipfile.ZipFile(zip_path)
-        found = {m.group(1): (zip_path, member) for member in zf.namelist()
-                 if (m := _IMAGE_NAME.fullmatch(os.path.basename(member)))}
-      self.index.update({int(i): (folder, *where) for i, where in found.items()})
+    self._files: list[files_lib.Files] = []
+    self.index: dict[int, tuple[str, files_lib.Files, str]] = {}  # id -> (folder, files, name)
+    for folder, archive, url in reversed(_IMAGE_SOURCES):  # earlier sources overwrite later
+      directory = os.path.join(manual_dir, folder)
+      files = files_lib.Files(directory if os.path.isdir(directory)
+                              else os.path.join(manual_dir, archive), url=url)
+      self._files.append(files)
+      for name in files.names():
+        # A folder holds its images at the top; a zip under a folder (VG_100K/...).
+        match = _IMAGE_NAME.fullmatch(name if files.is_folder else posixpath.basename(name))
+        if match:
+          self.index[int(match.group(1))] = (folder, files, name)
 
   def filename(self, image_id: int) -> str:
     return f"{self.index[image_id][0]}/{image_id}.jpg"
 
   def read(self, image_id: int) -> bytes:
-    _, kind, path = self.index[image_id]
-    if kind == "dir":
-      with open(path, "rb") as f:
-        return f.read()
-    return self._zips[kind].read(path)
+    _, files, name = self.index[image_id]
+    return files.read(name)
 
   def close(self):
-    for zf in self._zips.values():
-      zf.close()
+    for files in self._files:
+      files.close()
 
 
 # ----------------------------------------------------------------------------- builder
