@@ -402,13 +402,20 @@ class CtranFolder(tfds.core.GeneratorBasedBuilder):
         validation_fraction=validation_fraction, test_fraction=test_fraction,
         on_bad_image=on_bad_image)
     self._source: Source | None = None
+    self._init_kwargs = {**kwargs, **dataclasses.asdict(self._options)}
     super().__init__(**kwargs)  # calls _info()
-    self._original_state.update(dataclasses.asdict(self._options))  # pickling rebuilds us
     stored = self._stored_metadata()
     if self._source and stored and stored.get("fingerprint") != self._source.fingerprint:
       logging.warning("ctran_folder: %s was prepared from other labels or options than %s has "
                       "now; rebuild it before reading it with this builder", self.data_path,
                       self._source.manual_dir)
+
+  def __getstate__(self):
+    """Pickling rebuilds the builder from its arguments (as TFDS does), ours included."""
+    return {"init_kwargs": self._init_kwargs}
+
+  def __setstate__(self, state):
+    self.__init__(**state["init_kwargs"])
 
   @classmethod
   def missing_manual_files(cls, manual_dir: str, *, labels_file: str | None = None,
