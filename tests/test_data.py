@@ -137,6 +137,8 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
     (dict(crop_sizes=(80, 64)), "crop_sizes"),
     (dict(crop_sizes=()), "crop_sizes"),
     (dict(std=(0.2, 0.0, 0.2)), "std"),
+    (dict(transform="nope"), r"expected one of \('ctran', 'cub'\)"),
+    (dict(transform="cub", resize_on_device=True), "resize_on_device needs .*'ctran'"),
 ])
 def test_bad_transform_configs(data_dir, overrides, message):
   with pytest.raises(ValueError, match=message):
