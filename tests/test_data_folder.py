@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import default_data_config
 
 from ctran_jax.data import folder
-from ctran_jax.data.pipeline import default_data_config, open_source
+from ctran_jax.data.pipeline import open_source
 
 NAME = "ctran_folder"
 

@@ -23,26 +23,18 @@ may also be the directory of a prepared TFDS dataset (``.../ctran_folder/mine/1.
 batches carry for extra-label evaluation; its metadata ``num_concepts``,
 ``concept_groups`` and ``group_names`` describe CUB-style concept groups.
 
-Data config fields (see ``default_data_config``):
-  name: TFDS name, optionally with config/version (``ctran_demo``, ``ctran_demo/tiny``).
-  data_dir: TFDS data directory (None = the TFDS default, ``~/tensorflow_datasets``).
-  prepare: also run ``download_and_prepare`` for builders that are not generated.
-  train_split, eval_split, test_split: TFDS split names (slices such as ``train[:90%]`` work).
-  image_size: model input side S.
-  scale_size: side of the square resize every image gets first.
-  crop_sizes: train crops: a square of a size drawn uniformly from these, at a uniform
-    random position of the ``scale_size`` image, then resized to S (the reference recipe).
-  flip: random horizontal flips in training.
-  mean, std: per-channel normalisation on the 0..1 scale (ImageNet by default).
-  shuffle_buffer: examples in the shuffle buffer (>= split size gives a full permutation).
-  prefetch: batches prefetched.
-  cache: keep decoded images in memory (good for small datasets such as the demo).
-  resize_on_device: "ctran" transform only: train batches carry the decoded crop (uint8, in
-    a ``canvas_size`` square) + its size + flip, and the train step resizes, mirrors and
-    normalises on the accelerator (`ctran_jax.augment`): the host then only decodes.
-  transform: "ctran" (the reference's COCO/VOC/VG transforms above) or "cub" (the reference's
-    CUB transforms: train colour jitter -> random-resized crop to image_size -> flip; test
-    centre crop of image_size without resizing, zero padding smaller images).
+Data config fields: the ``data`` section of configs/default.py lists them, with their
+defaults.  ``data.transform`` names an entry of `TRANSFORMS`: "ctran" (the reference's
+COCO/VOC/VG transforms: train: a square of a size drawn from ``crop_sizes`` at a random
+position of the image resized to ``scale_size``, resized to ``image_size``, flipped;
+eval: resize to ``scale_size``, centre crop ``image_size``) or "cub" (the reference's CUB
+transforms: train colour jitter -> random-resized crop to ``image_size`` -> flip; eval
+centre crop of ``image_size`` without resizing, zero padding smaller images).
+``data.resize_on_device`` needs a transform with a device path ("ctran"): train batches
+then carry the decoded crop (uint8, in a ``canvas_size`` square) + its size + flip, and the
+train step resizes, mirrors and normalises on the accelerator (`ctran_jax.augment`), so
+the host only decodes.  A ``shuffle_buffer`` at least the split's size gives a full
+permutation per epoch; ``cache`` keeps decoded images in memory (small datasets only).
 """
 
 from __future__ import annotations
@@ -68,26 +60,8 @@ try:  # TF only feeds the host; the accelerators belong to JAX.
 except (RuntimeError, ValueError):  # already initialised, or no GPU support
   pass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _ID_BUCKETS = 2**62
 _AUTOTUNE = tf.data.AUTOTUNE
-
-
-def default_data_config(**overrides) -> ml_collections.ConfigDict:
-  """The demo's data config; ``overrides`` replace fields (unknown fields are an error)."""
-  config = ml_collections.ConfigDict(dict(
-      name="ctran_demo", data_dir=None, prepare=False,
-      train_split="train", eval_split="validation", test_split="test",
-      image_size=64, scale_size=72, crop_sizes=(72, 64, 56), flip=True,
-      mean=IMAGENET_MEAN, std=IMAGENET_STD,
-      shuffle_buffer=10_000, prefetch=2, cache=True, transform="ctran",
-      resize_on_device=False))
-  for key, value in overrides.items():
-    if key not in config:
-      raise KeyError(f"unknown data config field {key!r}; fields: {sorted(config)}")
-    config[key] = value
-  return config
 
 
 @dataclasses.dataclass(frozen=True)
