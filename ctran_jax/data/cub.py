@@ -65,8 +65,7 @@ Prepare (the ``tfds`` CLI needs apache-beam, so use Python)::
 
 (or ``python -m ctran_jax.data.prepare ctran_cub --manual_dir M --data_dir D``) with
 ``CUB_200_2011.tgz`` (or the extracted ``CUB_200_2011/``) in ``M``.  A tgz is streamed
-four times (once for the annotations and the member list, then once per split); parsing
-the 3.7 M attribute lines takes ~5 s.
+four times (once for the annotations and the member list, then once per split).
 """
 
 from __future__ import annotations
@@ -288,8 +287,8 @@ def _attribute_table(source: str, data: bytes, ids: np.ndarray, certainty_ids
                      ) -> tuple[np.ndarray, np.ndarray]:
   """image_attribute_labels.txt -> is_present and certainty, (images, 312) uint8 each.
 
-  The real file has 3.7 M lines: numpy's C parser reads them in seconds; only when it
-  fails or a value is off are the lines re-read one by one, for an exact error message.
+  The real file has 3.7 M lines, so numpy's C parser reads them; only when it fails or a
+  value is off are the lines re-read one by one in Python, for an exact error message.
   """
   try:
     with warnings.catch_warnings():

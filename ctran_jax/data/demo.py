@@ -24,10 +24,10 @@ Generative process, per example (its own ``np.random.Generator`` seeded from
 5. ``labels`` is the multi-hot set of the categories painted; ``num_objects`` counts the
    painted instances and ``theme`` is the theme drawn in step 2.
 
-Calibration (a training probe on 2 CPU cores, ~10 steps/s): C-Tran on a 16-wide,
-one-block-per-stage basic ResNet (hidden 64, 2 layers) with label-mask training, batch 64,
-Adam 3e-3, 100 warmup steps and a cosine decay reaches test mAP ~0.88 after 1200 steps and
-0.90-0.93 after 1500.  Textures are learnt first, silhouettes later; with half the labels
+Calibration (a training probe on 2 CPU cores): C-Tran on a 16-wide, one-block-per-stage
+basic ResNet (hidden 64, 2 layers) with label-mask training, batch 64, Adam 3e-3, 100
+warmup steps and a cosine decay reaches test mAP ~0.88 after 1200 steps and 0.90-0.93
+after 1500.  Textures are learnt first, silhouettes later; with half the labels
 known, mAP on the other half is 0.01-0.04 higher.  Stars, crescents and chevrons (and 20
 categories) were tried and dropped: too slow to learn for a minutes-long demo.
 
@@ -231,7 +231,7 @@ class CtranDemo(tfds.core.GeneratorBasedBuilder):
       CtranDemoConfig(name="tiny", description="Test-sized: 240/60/100 images of 64x64.",
                       num_train=240, num_validation=60, num_test=100),
   ]
-  # Marks builders that ctran_jax.data prepares on demand (no download, seconds to build).
+  # Marks builders that ctran_jax.data prepares on demand (nothing to download).
   GENERATED = True
 
   def _info(self) -> tfds.core.DatasetInfo:

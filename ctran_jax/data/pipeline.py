@@ -211,7 +211,7 @@ def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
   if image.shape[0] is not None and image.shape[0] == image.shape[1] == size:
     return image
   shrinking = tf.reduce_max(tf.shape(image)[:2]) > size
-  # Upsampling is identical either way; the plain kernel is ~2x faster.
+  # Upsampling is identical either way, and the plain kernel is cheaper.
   return tf.cond(shrinking, lambda: tf.image.resize(image, (size, size), antialias=True),
                  lambda: tf.image.resize(image, (size, size)))
 
@@ -282,7 +282,7 @@ def ctran_train_image(image, seed, data_config) -> tf.Tensor:
   The crop window is decoded at original resolution (`decode_crop`) and resized once to
   image_size: one bilinear resize of the crop instead of two (reference: PIL resize, crop,
   resize). Shrinking by more than 25 % is antialiased (as PIL always is); milder shrinking
-  is not, which is ~2x cheaper and changes little.
+  is not, which is cheaper and changes little.
   """
   size = data_config.image_size
   patch, flip = decode_crop(image, seed, data_config)

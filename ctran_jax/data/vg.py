@@ -30,8 +30,8 @@ usual VG-500 test set).  So an image's split never depends on the other images o
 Memory: an ``object_hook`` keeps only each image's set of normalised names while parsing,
 instead of the full object dicts; the text itself is still read in one piece.  Measured on
 a synthetic 136 MB objects.json (27k images x 35 objects with v1.4's fields): plain
-``json.load`` grows the process by 0.96 GB, this parse by 0.35 GB (and takes 8 s instead of
-12 s); so expect ~1 GB rather than ~3 GB for the real ~0.4 GB file.
+``json.load`` grows the process by 0.96 GB, this parse by 0.35 GB; so expect ~1 GB rather
+than ~3 GB for the real ~0.4 GB file.
 
 Prepare (not timed on the full data; reading the ~15 GB of JPEGs dominates):
 
