@@ -17,13 +17,15 @@ timings on shared CPUs are noisy; compare rows of one run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -32,6 +34,17 @@ from ctran_jax import augment  # noqa: E402
 from ctran_jax.data import pipeline  # noqa: E402
 
 SHAPES = ((480, 640), (640, 480), (427, 640), (480, 640))
+
+
+def default_data_config(**overrides):
+  """configs/default.py's data section (configs/ is loaded by path) with ``overrides``."""
+  spec = importlib.util.spec_from_file_location(
+      "ctran_jax_configs_default", os.path.join(ROOT, "configs", "default.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  data = module.get_config().data
+  data.update(overrides)
+  return data
 
 
 def coco_like_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -74,7 +87,7 @@ def main(argv=None) -> None:
   parser.add_argument("--device_batch", type=int, default=16)
   args = parser.parse_args(argv)
 
-  data = pipeline.default_data_config(
+  data = default_data_config(
       name="coco_like", image_size=args.image_size, scale_size=args.scale_size,
       crop_sizes=tuple(c for c in (640, 576, 512, 384, 320) if c <= args.scale_size) or
       (args.scale_size,), flip=True, cache=False)

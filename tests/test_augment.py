@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import default_data_config
 
 from ctran_jax import augment
 from ctran_jax.data import pipeline
@@ -27,9 +28,9 @@ def test_device_path_reproduces_the_host_train_batches(demo_data_dir):
   # path does not antialias either.
   base = dict(name="ctran_demo/tiny", data_dir=demo_data_dir, image_size=56, scale_size=64,
               crop_sizes=(64, 56, 48))
-  host = next(pipeline.train_dataset(pipeline.open_source(pipeline.default_data_config(**base)),
+  host = next(pipeline.train_dataset(pipeline.open_source(default_data_config(**base)),
                                      batch_size=8, seed=3))
-  data = pipeline.default_data_config(**base, resize_on_device=True)
+  data = default_data_config(**base, resize_on_device=True)
   split = next(pipeline.train_dataset(pipeline.open_source(data), batch_size=8, seed=3))
   assert split["image"].dtype == np.uint8 and split["image"].shape[1:] == (64, 64, 3)
   np.testing.assert_array_equal(split["labels"], host["labels"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import default_data_config
 
 from ctran_jax import label_mask, train
 from ctran_jax.data import pipeline
@@ -26,8 +27,8 @@ def cub_data_dir(tmp_path_factory):
 
 
 def test_cub_eval_transform_is_a_centre_crop_with_zero_padding():
-  data = pipeline.default_data_config(transform="cub", image_size=8, mean=(0, 0, 0),
-                                      std=(1 / 255,) * 3)          # normalise = identity
+  data = default_data_config(transform="cub", image_size=8, mean=(0, 0, 0),
+                             std=(1 / 255,) * 3)          # normalise = identity
   image = tf.reshape(tf.range(10 * 12 * 3) % 251, (10, 12, 3))
   out = pipeline.cub_eval_image(tf.cast(image, tf.uint8), data).numpy()
   np.testing.assert_allclose(out, image.numpy()[1:9, 2:10], atol=1e-3)
@@ -39,8 +40,8 @@ def test_cub_eval_transform_is_a_centre_crop_with_zero_padding():
 
 
 def test_cub_train_transform_is_seeded_and_normalised():
-  data = pipeline.default_data_config(transform="cub", image_size=16, mean=(0.5,) * 3,
-                                      std=(2.0,) * 3)
+  data = default_data_config(transform="cub", image_size=16, mean=(0.5,) * 3,
+                             std=(2.0,) * 3)
   image = tf.cast(tf.random.stateless_uniform((40, 30, 3), (1, 2), 0, 256, tf.int32), tf.uint8)
   key = tf.constant([3, 4], tf.int64)
   a = pipeline.cub_train_image(image, key, data).numpy()

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import default_data_config
 
-from ctran_jax.data import demo, pipeline
+from ctran_jax.data import demo
 from ctran_jax.data.pipeline import (
-  default_data_config,
   eval_dataset,
   num_eval_batches,
   open_source,
@@ -137,6 +137,8 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
     (dict(crop_sizes=(80, 64)), "crop_sizes"),
     (dict(crop_sizes=()), "crop_sizes"),
     (dict(std=(0.2, 0.0, 0.2)), "std"),
+    (dict(transform="nope"), r"expected one of \('ctran', 'cub'\)"),
+    (dict(transform="cub", resize_on_device=True), "resize_on_device needs .*'ctran'"),
 ])
 def test_bad_transform_configs(data_dir, overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -152,12 +154,13 @@ def test_unknown_config_field():
 
 
 def test_train_batch_shapes_dtypes_and_range(data_dir):
-  batch = next(train_dataset(open_source(config(data_dir)), batch_size=16, seed=0))
+  cfg = config(data_dir)
+  batch = next(train_dataset(open_source(cfg), batch_size=16, seed=0))
   assert batch["image"].shape == (16, 64, 64, 3) and batch["image"].dtype == np.float32
   assert batch["labels"].shape == (16, len(demo.LABEL_NAMES)) and batch["labels"].dtype == np.int32
   assert batch["example_id"].shape == (16,) and batch["example_id"].dtype == np.int64
   assert set(np.unique(batch["labels"])) <= {0, 1}
-  pixels = (batch["image"] * pipeline.IMAGENET_STD + pipeline.IMAGENET_MEAN) * 255
+  pixels = (batch["image"] * cfg.std + cfg.mean) * 255
   assert pixels.min() > -1 and pixels.max() < 256 and pixels.std() > 30
 
 
@@ -171,7 +174,7 @@ def test_identity_augmentation_reproduces_the_images(data_dir):
   for image, labels, example_id in zip(batch["image"], batch["labels"], batch["example_id"],
                                        strict=True):
     k = by_id[example_id]
-    expected = (raw["image"][k] / 255.0 - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD
+    expected = (raw["image"][k] / 255.0 - cfg.mean) / cfg.std
     if not np.allclose(image, expected, atol=1e-4):
       np.testing.assert_allclose(image, expected[:, ::-1], atol=1e-4)
       mirrored += 1
@@ -248,7 +251,7 @@ def test_eval_transform_without_resize_is_plain_normalisation(data_dir):
   assert batch["valid"].all()
   np.testing.assert_array_equal(batch["example_id"], raw["example_id"])
   np.testing.assert_array_equal(batch["labels"], raw["labels"])
-  expected = (raw["image"] / 255.0 - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD
+  expected = (raw["image"] / 255.0 - cfg.mean) / cfg.std
   np.testing.assert_allclose(batch["image"], expected, atol=1e-5)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import default_data_config
 from PIL import Image
 
 from ctran_jax.data import adapters, coco, pipeline
@@ -269,7 +270,7 @@ def test_wrong_categories_name_the_json_file(tmp_path):
 
 
 def coco_data_config(data_dir):
-  return pipeline.default_data_config(
+  return default_data_config(
       name="ctran_coco2014", data_dir=data_dir, train_split="train2014", eval_split="val2014",
       test_split="", image_size=32, scale_size=40, crop_sizes=(40, 32))
 
@@ -451,7 +452,7 @@ def test_pipeline_reads_builtin_coco_through_the_adapter(tmp_path):
   def expected(classes):
     return multi_hot({NAMES.index(names[c]) for c in classes})
 
-  config = pipeline.default_data_config(
+  config = default_data_config(
       name="coco/2014", data_dir=str(tmp_path / "unused"), train_split="train",
       eval_split="validation", test_split="", image_size=32, scale_size=40,
       crop_sizes=(40, 32), cache=False)

@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from helpers import default_data_config
 from PIL import Image
 
 from ctran_jax.data import cub, pipeline
@@ -344,7 +345,7 @@ def test_wrong_concept_count_is_reported(tmp_path):
 
 
 def test_pipeline_reads_the_labels(tgz_data_dir):
-  config = pipeline.default_data_config(
+  config = default_data_config(
       name="ctran_cub/tiny", data_dir=tgz_data_dir, train_split="train",
       eval_split="validation", test_split="test", image_size=32, scale_size=40,
       crop_sizes=(40, 32))

@@ -11,14 +11,16 @@ import glob
 import hashlib
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import default_data_config
 
 from ctran_jax.data import folder
-from ctran_jax.data.pipeline import default_data_config, open_source
+from ctran_jax.data.pipeline import open_source
 
 NAME = "ctran_folder"
 
@@ -250,6 +252,17 @@ def test_corrupt_image_skipped_and_counted(folder_with_bad_images, tmp_path):
   assert metadata["skipped_images"] == 2
   assert metadata["skipped_files"] == ["cut.jpg", "text.png"]
   assert metadata["label_counts"] == [1, 0]
+
+
+def test_pickled_builder_keeps_its_options(csv_dataset, tmp_path):
+  """TFDS pickles builders to hand them to workers; ours must come back with its options."""
+  manual, _ = csv_dataset
+  builder = tfds.builder(NAME, data_dir=str(tmp_path), manual_dir=manual, on_bad_image="skip",
+                         test_fraction=0.3)
+  clone = pickle.loads(pickle.dumps(builder))
+  assert clone.info.metadata["options"] == builder.info.metadata["options"]
+  assert clone.info.metadata["options"]["test_fraction"] == 0.3
+  assert clone.info.metadata["fingerprint"] == builder.info.metadata["fingerprint"]
 
 
 def test_options_and_folder_mismatches_are_refused(csv_dataset, tmp_path):

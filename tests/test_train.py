@@ -156,7 +156,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p4)
   model.train()
   expected = losses.masked_bce(model(batch["image"], batch["states"]), batch["labels"],
-                        batch["states"], reduction="mean")
+                               batch["states"], reduction="mean")
   assert float(results["mean", 1][1]["loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 

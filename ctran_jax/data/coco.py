@@ -6,8 +6,9 @@ Source files, from ``manual_dir`` (each archive may instead be present extracted
 * ``val2014.zip`` (~6 GB, 40,504 JPEGs) or the folder ``val2014/``;
 * ``annotations_trainval2014.zip`` or ``annotations/instances_{train,val}2014.json``.
 
-The archives are read member by member with ``zipfile`` (nothing is extracted to disk);
-where both a zip and its folder exist, the zip wins (a folder may be a partial extraction).
+The archives are read in place, member by member (`files.Files`; nothing is extracted to
+disk); where both a zip and its folder exist, the zip wins (a folder may be a partial
+extraction).
 Images are stored as their original JPEG bytes (no decode / re-encode); a few COCO images
 are greyscale, which the pipeline's 3-channel decode turns into RGB.
 
@@ -48,8 +49,7 @@ Prepare (Python API; the ``tfds`` CLI needs apache-beam):
 from __future__ import annotations
 
 import json
-import os
-import zipfile
+import posixpath
 from collections.abc import Iterator
 
 import numpy as np
@@ -57,7 +57,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ctran_jax.data import adapters
+from ctran_jax.data import adapters, common
+from ctran_jax.data import files as files_lib
 
 # The 80 COCO object categories as (category id, name), in id order = label order.
 CATEGORIES = (
@@ -108,8 +109,8 @@ def _slim(obj: dict):
 
   Run on every JSON object as it is parsed, so the ~600k segmentation polygons of
   instances_train2014.json are freed at once instead of held until the end (measured on a
-  synthetic quarter-size file, 80 MB with 151k annotations: +114 MB peak memory and 2.0 s
-  against +494 MB and 2.9 s for a plain ``json.loads``).
+  synthetic quarter-size file, 80 MB with 151k annotations: +114 MB peak memory against
+  +494 MB for a plain ``json.loads``).
   """
   if "image_id" in obj and "category_id" in obj:
     return _Annotation((obj.get("id"), obj["image_id"], obj["category_id"]))
@@ -181,85 +182,30 @@ def _check_categories(categories, source: str) -> None:
 # ------------------------------------------------------------------------------ files
 
 
-def _annotation_sources(manual_dir: epath.Path) -> dict[str, tuple[epath.Path, str | None]]:
-  """split -> (zip, member) or (json path, None) for each instances file that exists."""
+def _annotation_files(manual_dir: epath.Path) -> files_lib.Files:
+  """The annotations zip when there is one, else the manual dir with the extracted JSONs
+  (both hold them as ``annotations/instances_<split>.json``)."""
   zip_path = manual_dir / ANNOTATIONS_ZIP
-  found = {}
-  for split in SPLITS:
-    json_path = manual_dir / _instances_member(split)
-    if zip_path.exists():
-      found[split] = (zip_path, _instances_member(split))
-    elif json_path.exists():
-      found[split] = (json_path, None)
-  return found
+  if zip_path.exists():
+    return files_lib.Files(zip_path, url=URLS[ANNOTATIONS_ZIP])
+  return files_lib.Files(manual_dir)
 
 
-def _image_source(manual_dir: epath.Path, split: str) -> epath.Path | None:
+def _image_files(manual_dir: epath.Path, split: str) -> files_lib.Files | None:
+  """A split's zip, else its folder (a folder may be a partial extraction), else None."""
   for path in (manual_dir / f"{split}.zip", manual_dir / split):
     if path.exists():
-      return path
+      return files_lib.Files(path, url=URLS[split])
   return None
 
 
-class _Zip:
-  """A zip read in place (local path or e.g. gs://): ``.zip`` is the ``zipfile.ZipFile``."""
-
-  def __init__(self, path: epath.Path):
-    self._file = path.open("rb")
-    try:
-      self.zip = zipfile.ZipFile(self._file)
-    except zipfile.BadZipFile as e:
-      self._file.close()
-      raise ValueError(f"{path}: not a readable zip file ({e}); the download may be "
-                       "incomplete, download it again") from None
-
-  def close(self) -> None:
-    self.zip.close()
-    self._file.close()
-
-  def __enter__(self) -> _Zip:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
-def _read_annotations(path: epath.Path, member: str | None) -> tuple[bytes, str]:
-  if member is None:
-    return path.read_bytes(), os.fspath(path)
-  with _Zip(path) as z:
-    try:
-      return z.zip.read(member), f"{path}:{member}"
-    except KeyError:
-      raise FileNotFoundError(f"{path} has no member {member!r}; is it the original "
-                              f"{ANNOTATIONS_ZIP} ({URLS[ANNOTATIONS_ZIP]})?") from None
-
-
-class _ImageReader:
-  """Reads ``file_name``s of one split from its zip (matched by base name) or its folder."""
-
-  def __init__(self, path: epath.Path):
-    self.path = path
-    self._zip = _Zip(path) if path.name.endswith(".zip") else None
-    self._members = {} if self._zip is None else {
-        os.path.basename(n): n for n in self._zip.zip.namelist() if not n.endswith("/")}
-
-  def read(self, file_name: str) -> bytes:
-    if self._zip is None:
-      try:
-        return (self.path / file_name).read_bytes()
-      except FileNotFoundError:
-        raise FileNotFoundError(f"{self.path / file_name} is missing (listed in the "
-                                "annotations); is the folder completely extracted?") from None
-    member = self._members.get(os.path.basename(file_name))
-    if member is None:
-      raise FileNotFoundError(f"{self.path} has no image {file_name!r} (listed in the "
-                              "annotations); the zip may be incomplete")
-    return self._zip.zip.read(member)
-
-  def close(self) -> None:
-    if self._zip is not None:
-      self._zip.close()
+def _read_annotations(files: files_lib.Files, split: str) -> tuple[bytes, str]:
+  member = _instances_member(split)
+  try:
+    return files.read(member), files.describe(member)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{files.path} has no member {member!r}; is it the original "
+                            f"{ANNOTATIONS_ZIP} ({URLS[ANNOTATIONS_ZIP]})?") from None
 
 
 # ------------------------------------------------------------------------------ builder
@@ -284,8 +230,9 @@ class CtranCoco2014(tfds.core.GeneratorBasedBuilder):
     """One line per required file that ``manual_dir`` lacks; [] when all are there."""
     root = epath.Path(manual_dir)
     missing = [f"{split}.zip (or folder {split}/): {URLS[split]}"
-               for split in SPLITS if _image_source(root, split) is None]
-    lacking = [_instances_member(s) for s in SPLITS if s not in _annotation_sources(root)]
+               for split in SPLITS if _image_files(root, split) is None]
+    annotations = _annotation_files(root)
+    lacking = [] if annotations.is_zip else annotations.missing(map(_instances_member, SPLITS))
     if lacking:
       missing.append(f"{ANNOTATIONS_ZIP} (or {' and '.join(lacking)}): "
                      f"{URLS[ANNOTATIONS_ZIP]}")
@@ -295,9 +242,7 @@ class CtranCoco2014(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "labels": tfds.features.Tensor(shape=(NUM_LABELS,), dtype=np.uint8),
+        features=common.features(NUM_LABELS, **{
             "image/id": tfds.features.Scalar(dtype=np.int64),
             "image/filename": tfds.features.Text(),
         }),
@@ -308,37 +253,34 @@ class CtranCoco2014(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    try:
-      manual_dir = dl_manager.manual_dir
-    except AssertionError:  # missing or empty: still say which files are wanted
-      manual_dir = getattr(dl_manager, "_manual_dir", None)
-      if manual_dir is None:
-        raise
-    manual_dir = epath.Path(manual_dir)
-    missing = self.missing_manual_files(os.fspath(manual_dir))
-    if missing:
-      raise FileNotFoundError(
-          f"COCO-2014 files missing from manual_dir {os.fspath(manual_dir)}:\n  "
-          + "\n  ".join(missing) + "\n" + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    manual_dir = epath.Path(common.manual_dir(self, dl_manager))
     # Parse (and check) both annotation files before writing anything.
-    annotations = _annotation_sources(manual_dir)
-    records = {}
-    for split in SPLITS:
-      records[split] = parse_instances(*_read_annotations(*annotations[split]))
+    with _annotation_files(manual_dir) as annotations:
+      records = {split: parse_instances(*_read_annotations(annotations, split))
+                 for split in SPLITS}
     self.info.metadata["unlabelled_images"] = {
         split: int(sum(not labels.any() for _, _, labels in records[split]))
         for split in SPLITS}
-    return {split: self._generate_examples(_image_source(manual_dir, split), records[split])
+    return {split: self._generate_examples(_image_files(manual_dir, split), records[split])
             for split in SPLITS}
 
-  def _generate_examples(self, images: epath.Path, records) -> Iterator[tuple[int, dict]]:
-    reader = _ImageReader(images)
-    try:
+  def _generate_examples(self, images: files_lib.Files, records) -> Iterator[tuple[int, dict]]:
+    with images:
+      # A zip holds the images under a folder (train2014/...): find them by base name.
+      members = None if images.is_folder else {
+          posixpath.basename(n): n for n in images.names()}
       for image_id, file_name, labels in records:
-        yield image_id, {"image": reader.read(file_name), "labels": labels,
+        try:
+          data = images.read(file_name if members is None
+                             else members[posixpath.basename(file_name)])
+        except (KeyError, FileNotFoundError):
+          raise FileNotFoundError(
+              f"{images.describe(file_name)} is missing (listed in the annotations); is the "
+              "folder completely extracted?" if members is None else
+              f"{images.path} has no image {file_name!r} (listed in the annotations); the zip "
+              "may be incomplete") from None
+        yield image_id, {"image": data, "labels": labels,
                          "image/id": image_id, "image/filename": file_name}
-    finally:
-      reader.close()
 
 
 # ------------------------------------------------------------- builtin TFDS coco/2014
@@ -376,9 +318,8 @@ def builtin_to_example(permutation: np.ndarray):
 
   def to_example(ex: dict) -> dict:
     classes = tf.gather(table, tf.cast(tf.reshape(ex["objects"]["label"], [-1]), tf.int64))
-    hits = tf.equal(classes[:, None], tf.range(NUM_LABELS, dtype=tf.int64)[None, :])
     out = {k: v for k, v in ex.items() if k != "objects"}
-    out["labels"] = tf.cast(tf.reduce_any(hits, axis=0), tf.int32)
+    out["labels"] = common.multi_hot_graph(classes, NUM_LABELS)
     return out
 
   return to_example

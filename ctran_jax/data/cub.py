@@ -65,8 +65,7 @@ Prepare (the ``tfds`` CLI needs apache-beam, so use Python)::
 
 (or ``python -m ctran_jax.data.prepare ctran_cub --manual_dir M --data_dir D``) with
 ``CUB_200_2011.tgz`` (or the extracted ``CUB_200_2011/``) in ``M``.  A tgz is streamed
-four times (once for the annotations and the member list, then once per split); parsing
-the 3.7 M attribute lines takes ~5 s.
+four times (once for the annotations and the member list, then once per split).
 """
 
 from __future__ import annotations
@@ -74,7 +73,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -82,6 +80,9 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+
+from ctran_jax.data import common
+from ctran_jax.data import files as files_lib
 
 URL = "https://data.caltech.edu/records/65de6-vvk48"
 ARCHIVE = "CUB_200_2011.tgz"
@@ -286,8 +287,8 @@ def _attribute_table(source: str, data: bytes, ids: np.ndarray, certainty_ids
                      ) -> tuple[np.ndarray, np.ndarray]:
   """image_attribute_labels.txt -> is_present and certainty, (images, 312) uint8 each.
 
-  The real file has 3.7 M lines: numpy's C parser reads them in seconds; only when it
-  fails or a value is off are the lines re-read one by one, for an exact error message.
+  The real file has 3.7 M lines, so numpy's C parser reads them; only when it fails or a
+  value is off are the lines re-read one by one in Python, for an exact error message.
   """
   try:
     with warnings.catch_warnings():
@@ -344,85 +345,11 @@ def _attribute_lines(source: str, data: bytes, ids: np.ndarray, certainty_ids):
 # ---------------------------------------------------------------------------- sources
 
 
-class _Folder:
-  """The extracted ``CUB_200_2011/`` folder (plus ``attributes.txt`` beside it or inside)."""
-
-  def __init__(self, manual_dir: str):
-    self.manual_dir = manual_dir
-    self.where = os.path.join(manual_dir, ROOT)
-
-  def _path(self, name: str) -> str:
-    return os.path.join(self.manual_dir, *name.split("/"))
-
-  describe = _path
-
-  def annotation_files(self) -> dict[str, bytes]:
-    files = {}
-    for name in (*ATTRIBUTES_TXT, *_TABLES):
-      path = self._path(name)
-      if os.path.isfile(path):
-        with open(path, "rb") as f:
-          files[name] = f.read()
-    return files
-
-  def missing_images(self, paths) -> list[str]:
-    return [p for p in paths if not os.path.isfile(self._path(IMAGES_DIR + p))]
-
-  def images(self, paths) -> Iterator[tuple[str, bytes]]:
-    for p in sorted(paths):
-      with open(self._path(IMAGES_DIR + p), "rb") as f:
-        yield p, f.read()
-
-
-class _Archive:
-  """``CUB_200_2011.tgz``, read member by member as a gzip stream (nothing extracted)."""
-
-  def __init__(self, path: str):
-    self.path = self.where = path
-    self._image_members: set[str] | None = None
-
-  def describe(self, name: str) -> str:
-    return f"{self.path}: {name}"
-
-  def _members(self, want) -> Iterator[tuple[str, bytes | None]]:
-    """(name, data if ``want(name)`` else None) of every file member, in archive order."""
-    try:
-      with tarfile.open(self.path, "r|gz") as tar:
-        for member in tar:
-          if member.isfile():
-            name = member.name[2:] if member.name.startswith("./") else member.name
-            yield name, tar.extractfile(member).read() if want(name) else None
-    except (tarfile.TarError, OSError, EOFError) as e:
-      raise ValueError(f"{self.path} is not a readable .tgz ({e}); download it again from "
-                       f"{URL}") from e
-
-  def annotation_files(self) -> dict[str, bytes]:
-    files, images = {}, set()
-    wanted = {*ATTRIBUTES_TXT, *_TABLES}
-    for name, data in self._members(wanted.__contains__):
-      if data is not None:
-        files[name] = data
-      elif name.startswith(IMAGES_DIR):
-        images.add(name[len(IMAGES_DIR):])
-    self._image_members = images
-    return files
-
-  def missing_images(self, paths) -> list[str]:
-    assert self._image_members is not None, "call annotation_files first"
-    return [p for p in paths if p not in self._image_members]
-
-  def images(self, paths) -> Iterator[tuple[str, bytes]]:
-    wanted = {IMAGES_DIR + p for p in paths}
-    for name, data in self._members(wanted.__contains__):
-      if data is not None:
-        yield name[len(IMAGES_DIR):], data
-
-
-def _source(manual_dir: str):
-  """The folder when it has images.txt (random access, fast), else the archive."""
+def _files(manual_dir: str) -> files_lib.Files:
+  """The extracted folder when it has images.txt (random access), else the archive."""
   if os.path.isfile(os.path.join(manual_dir, *IMAGES_TXT.split("/"))):
-    return _Folder(manual_dir)
-  return _Archive(os.path.join(manual_dir, ARCHIVE))
+    return files_lib.Files(manual_dir)
+  return files_lib.Files(os.path.join(manual_dir, ARCHIVE), url=URL)
 
 
 # ---------------------------------------------------------------------------- builder
@@ -470,13 +397,12 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
       return []
     if not os.path.isdir(os.path.join(manual_dir, ROOT)):
       return [f"{ARCHIVE} (or its extracted folder {ROOT}/ with attributes.txt): {URL}"]
+    folder = files_lib.Files(manual_dir)
     missing = []
-    if not any(os.path.isfile(os.path.join(manual_dir, *n.split("/"))) for n in ATTRIBUTES_TXT):
+    if len(folder.missing(ATTRIBUTES_TXT)) == len(ATTRIBUTES_TXT):
       missing.append(f"attributes.txt (top level of {ARCHIVE}; put it beside {ROOT}/ or in "
                      f"{ROOT}/attributes/): {URL}")
-    for name in _TABLES:
-      if not os.path.isfile(os.path.join(manual_dir, *name.split("/"))):
-        missing.append(f"{name} (part of {ARCHIVE}): {URL}")
+    missing += [f"{name} (part of {ARCHIVE}): {URL}" for name in folder.missing(_TABLES)]
     if not os.path.isdir(os.path.join(manual_dir, *IMAGES_DIR.split("/"))):
       missing.append(f"{IMAGES_DIR} (part of {ARCHIVE}): {URL}")
     return missing
@@ -487,45 +413,36 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "labels": tfds.features.Tensor(shape=(num_labels,), dtype=np.uint8),
-            "class_label": tfds.features.ClassLabel(num_classes=c.num_classes),
-            "attribute_labels": tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.uint8),
-            "attribute_certainty": tfds.features.Tensor(shape=(NUM_ATTRIBUTES,),
-                                                        dtype=np.uint8),
-            "label_visible": tfds.features.Tensor(shape=(num_labels,), dtype=np.bool_),
-            "image/id": tfds.features.Scalar(dtype=np.int64),
-            "image/filename": tfds.features.Text(),
-        }),
+        features=common.features(
+            num_labels,
+            class_label=tfds.features.ClassLabel(num_classes=c.num_classes),
+            attribute_labels=tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.uint8),
+            attribute_certainty=tfds.features.Tensor(shape=(NUM_ATTRIBUTES,), dtype=np.uint8),
+            label_visible=tfds.features.Tensor(shape=(num_labels,), dtype=np.bool_),
+            **{"image/id": tfds.features.Scalar(dtype=np.int64),
+               "image/filename": tfds.features.Text()}),
         # Filled from the annotations in _split_generators and saved with the dataset.
         metadata=tfds.core.MetadataDict(),
         homepage=URL,
     )
 
   def _split_generators(self, dl_manager):
-    # Not dl_manager.manual_dir first: it raises a bare AssertionError for an empty dir.
-    manual_dir = os.fspath(getattr(dl_manager, "_manual_dir", None) or dl_manager.manual_dir)
-    missing = self.missing_manual_files(manual_dir)
-    if missing:
-      raise FileNotFoundError(f"ctran_cub needs these files in the manual_dir {manual_dir!r}:\n  "
-                              + "\n  ".join(missing) + "\n" + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     c = self.builder_config
-    source = _source(manual_dir)
-    files = source.annotation_files()
-    absent = [name for name in _TABLES if name not in files]
-    if not any(name in files for name in ATTRIBUTES_TXT):
+    files = _files(common.manual_dir(self, dl_manager))
+    # One pass over a tgz reads the tables and lists the images.
+    tables = dict(files.read_all({*ATTRIBUTES_TXT, *_TABLES}))
+    absent = [name for name in _TABLES if name not in tables]
+    if not any(name in tables for name in ATTRIBUTES_TXT):
       absent.insert(0, " or ".join(ATTRIBUTES_TXT))
     if absent:
-      raise FileNotFoundError(f"{source.where} lacks {', '.join(absent)}; get a complete "
+      raise FileNotFoundError(f"{files.path} lacks {', '.join(absent)}; get a complete "
                               f"{ARCHIVE} from {URL}")
-    ann = parse_annotations(files, c.num_classes, source.describe)
-    missing_images = source.missing_images(ann.paths)
+    ann = parse_annotations(tables, c.num_classes, files.describe)
+    missing_images = files.missing(IMAGES_DIR + p for p in ann.paths)
     if missing_images:
       raise FileNotFoundError(
           f"{len(missing_images)} image(s) listed in {IMAGES_TXT} are missing from "
-          f"{source.where}, e.g. {IMAGES_DIR}{missing_images[0]}; get a complete {ARCHIVE} "
-          f"from {URL}")
+          f"{files.path}, e.g. {missing_images[0]}; get a complete {ARCHIVE} from {URL}")
 
     concepts, table = self._concepts(ann)
     self._set_metadata(ann, concepts)
@@ -534,7 +451,7 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
             "validation": np.flatnonzero(ann.is_train & validation),
             "test": np.flatnonzero(~ann.is_train)}
     logging.info("ctran_cub: %s", ", ".join(f"{k} {len(v)}" for k, v in rows.items()))
-    return {split: self._generate_examples(source, ann, concepts, table, r)
+    return {split: self._generate_examples(files, ann, concepts, table, r)
             for split, r in rows.items()}
 
   def _concepts(self, ann: Annotations) -> tuple[np.ndarray, np.ndarray]:
@@ -573,26 +490,25 @@ class CtranCub(tfds.core.GeneratorBasedBuilder):
         num_groups=len(groups), attribute_names=list(ann.attribute_names),
         min_classes=c.min_classes)
 
-  def _generate_examples(self, source, ann: Annotations, concepts, table, rows):
+  def _generate_examples(self, files, ann: Annotations, concepts, table, rows):
     c = self.builder_config
-    row_of = {ann.paths[r]: r for r in rows}
+    row_of = {IMAGES_DIR + ann.paths[r]: r for r in rows}
     seen = 0
-    for path, data in source.images(row_of):
-      r = row_of[path]
+    for name, data in files.read_all(row_of):
+      r = row_of[name]
       label = int(ann.classes[r])
-      one_hot = np.arange(c.num_classes) == label
       visible = ann.certainties[r, concepts] != NOT_VISIBLE
       seen += 1
       yield int(ann.image_ids[r]), {
           "image": data,
-          "labels": np.concatenate([table[label], one_hot]).astype(np.uint8),
+          "labels": np.concatenate([table[label], common.multi_hot([label], c.num_classes)]),
           "class_label": label,
           "attribute_labels": ann.attributes[r],
           "attribute_certainty": ann.certainties[r],
           "label_visible": np.concatenate([visible, np.ones(c.num_classes, bool)]),
           "image/id": int(ann.image_ids[r]),
-          "image/filename": path,
+          "image/filename": ann.paths[r],
       }
     if seen != len(row_of):
-      raise FileNotFoundError(f"{source.where}: {len(row_of) - seen} image(s) of this split "
+      raise FileNotFoundError(f"{files.path}: {len(row_of) - seen} image(s) of this split "
                               "disappeared while reading; check the archive")

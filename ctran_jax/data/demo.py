@@ -24,10 +24,10 @@ Generative process, per example (its own ``np.random.Generator`` seeded from
 5. ``labels`` is the multi-hot set of the categories painted; ``num_objects`` counts the
    painted instances and ``theme`` is the theme drawn in step 2.
 
-Calibration (a training probe on 2 CPU cores, ~10 steps/s): C-Tran on a 16-wide,
-one-block-per-stage basic ResNet (hidden 64, 2 layers) with label-mask training, batch 64,
-Adam 3e-3, 100 warmup steps and a cosine decay reaches test mAP ~0.88 after 1200 steps and
-0.90-0.93 after 1500.  Textures are learnt first, silhouettes later; with half the labels
+Calibration (a training probe on 2 CPU cores): C-Tran on a 16-wide, one-block-per-stage
+basic ResNet (hidden 64, 2 layers) with label-mask training, batch 64, Adam 3e-3, 100
+warmup steps and a cosine decay reaches test mAP ~0.88 after 1200 steps and 0.90-0.93
+after 1500.  Textures are learnt first, silhouettes later; with half the labels
 known, mAP on the other half is 0.01-0.04 higher.  Stars, crescents and chevrons (and 20
 categories) were tried and dropped: too slow to learn for a minutes-long demo.
 
@@ -42,6 +42,8 @@ import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from ctran_jax.data import common
 
 # Four themes of four categories (9 shapes, 7 textures); within a theme the categories look
 # unrelated on purpose, so co-occurrence is something to learn, not a visual shortcut.
@@ -200,10 +202,9 @@ def render_example(rng: np.random.Generator, image_size: int = 64) -> dict:
       break
     keep.remove(min(hidden, key=lambda i: visible[i]))
   image = background
-  labels = np.zeros(len(LABEL_NAMES), np.uint8)
   for i in keep:
     image = np.where(masks[i][..., None], colours[i], image)
-    labels[label_index[names[i]]] = 1
+  labels = common.multi_hot((label_index[names[i]] for i in keep), len(LABEL_NAMES))
   image = image + rng.normal(0, 8.0, size=image.shape)
   return {"image": np.clip(np.rint(image), 0, 255).astype(np.uint8), "labels": labels,
           "num_objects": np.int32(len(keep)), "theme": np.int32(theme)}
@@ -230,7 +231,7 @@ class CtranDemo(tfds.core.GeneratorBasedBuilder):
       CtranDemoConfig(name="tiny", description="Test-sized: 240/60/100 images of 64x64.",
                       num_train=240, num_validation=60, num_test=100),
   ]
-  # Marks builders that ctran_jax.data prepares on demand (no download, seconds to build).
+  # Marks builders that ctran_jax.data prepares on demand (nothing to download).
   GENERATED = True
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -238,12 +239,10 @@ class CtranDemo(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(size, size, 3), dtype=np.uint8),
-            "labels": tfds.features.Tensor(shape=(len(LABEL_NAMES),), dtype=np.uint8),
-            "num_objects": tfds.features.Scalar(dtype=np.int32),
-            "theme": tfds.features.Scalar(dtype=np.int32),
-        }),
+        features=common.features(
+            len(LABEL_NAMES), image=tfds.features.Image(shape=(size, size, 3), dtype=np.uint8),
+            num_objects=tfds.features.Scalar(dtype=np.int32),
+            theme=tfds.features.Scalar(dtype=np.int32)),
         metadata=tfds.core.MetadataDict(
             label_names=list(LABEL_NAMES),
             themes=[[LABEL_NAMES.index(n) for n in theme] for theme in THEMES]),

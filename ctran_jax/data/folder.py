@@ -81,6 +81,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from ctran_jax.data import common
+
 LABELS_FILES = ("labels.csv", "labels.jsonl")
 LABEL_LIST_FILE = "label_names.txt"
 IMAGES_SUBDIR = "images"
@@ -400,13 +402,20 @@ class CtranFolder(tfds.core.GeneratorBasedBuilder):
         validation_fraction=validation_fraction, test_fraction=test_fraction,
         on_bad_image=on_bad_image)
     self._source: Source | None = None
+    self._init_kwargs = {**kwargs, **dataclasses.asdict(self._options)}
     super().__init__(**kwargs)  # calls _info()
-    self._original_state.update(dataclasses.asdict(self._options))  # pickling rebuilds us
     stored = self._stored_metadata()
     if self._source and stored and stored.get("fingerprint") != self._source.fingerprint:
       logging.warning("ctran_folder: %s was prepared from other labels or options than %s has "
                       "now; rebuild it before reading it with this builder", self.data_path,
                       self._source.manual_dir)
+
+  def __getstate__(self):
+    """Pickling rebuilds the builder from its arguments (as TFDS does), ours included."""
+    return {"init_kwargs": self._init_kwargs}
+
+  def __setstate__(self, state):
+    self.__init__(**state["init_kwargs"])
 
   @classmethod
   def missing_manual_files(cls, manual_dir: str, *, labels_file: str | None = None,
@@ -452,11 +461,7 @@ class CtranFolder(tfds.core.GeneratorBasedBuilder):
     else:
       self._source = read_source(folder, self._options) if folder else None
       names = self._source.label_names if self._source else ()
-      features = tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-          "labels": tfds.features.Tensor(shape=(len(names),), dtype=np.uint8),
-          "image/filename": tfds.features.Text(),
-      })
+      features = common.features(len(names), **{"image/filename": tfds.features.Text()})
       metadata = tfds.core.MetadataDict(label_names=list(names))
       if self._source:
         metadata.update(fingerprint=self._source.fingerprint, options=self._source.options,
@@ -550,8 +555,7 @@ class CtranFolder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, source: Source, rows, index: dict[str, int]):
     for row, reencode in rows:
-      labels = np.zeros(len(index), np.uint8)
-      labels[[index[n] for n in row.labels]] = 1
       path = os.path.join(source.images_root, row.filename)
-      yield row.filename, {"image": _stored_bytes(path, reencode), "labels": labels,
+      yield row.filename, {"image": _stored_bytes(path, reencode),
+                           "labels": common.multi_hot((index[n] for n in row.labels), len(index)),
                            "image/filename": row.filename}

@@ -23,26 +23,18 @@ may also be the directory of a prepared TFDS dataset (``.../ctran_folder/mine/1.
 batches carry for extra-label evaluation; its metadata ``num_concepts``,
 ``concept_groups`` and ``group_names`` describe CUB-style concept groups.
 
-Data config fields (see ``default_data_config``):
-  name: TFDS name, optionally with config/version (``ctran_demo``, ``ctran_demo/tiny``).
-  data_dir: TFDS data directory (None = the TFDS default, ``~/tensorflow_datasets``).
-  prepare: also run ``download_and_prepare`` for builders that are not generated.
-  train_split, eval_split, test_split: TFDS split names (slices such as ``train[:90%]`` work).
-  image_size: model input side S.
-  scale_size: side of the square resize every image gets first.
-  crop_sizes: train crops: a square of a size drawn uniformly from these, at a uniform
-    random position of the ``scale_size`` image, then resized to S (the reference recipe).
-  flip: random horizontal flips in training.
-  mean, std: per-channel normalisation on the 0..1 scale (ImageNet by default).
-  shuffle_buffer: examples in the shuffle buffer (>= split size gives a full permutation).
-  prefetch: batches prefetched.
-  cache: keep decoded images in memory (good for small datasets such as the demo).
-  resize_on_device: "ctran" transform only: train batches carry the decoded crop (uint8, in
-    a ``canvas_size`` square) + its size + flip, and the train step resizes, mirrors and
-    normalises on the accelerator (`ctran_jax.augment`): the host then only decodes.
-  transform: "ctran" (the reference's COCO/VOC/VG transforms above) or "cub" (the reference's
-    CUB transforms: train colour jitter -> random-resized crop to image_size -> flip; test
-    centre crop of image_size without resizing, zero padding smaller images).
+Data config fields: the ``data`` section of configs/default.py lists them, with their
+defaults.  ``data.transform`` names an entry of `TRANSFORMS`: "ctran" (the reference's
+COCO/VOC/VG transforms: train: a square of a size drawn from ``crop_sizes`` at a random
+position of the image resized to ``scale_size``, resized to ``image_size``, flipped;
+eval: resize to ``scale_size``, centre crop ``image_size``) or "cub" (the reference's CUB
+transforms: train colour jitter -> random-resized crop to ``image_size`` -> flip; eval
+centre crop of ``image_size`` without resizing, zero padding smaller images).
+``data.resize_on_device`` needs a transform with a device path ("ctran"): train batches
+then carry the decoded crop (uint8, in a ``canvas_size`` square) + its size + flip, and the
+train step resizes, mirrors and normalises on the accelerator (`ctran_jax.augment`), so
+the host only decodes.  A ``shuffle_buffer`` at least the split's size gives a full
+permutation per epoch; ``cache`` keeps decoded images in memory (small datasets only).
 """
 
 from __future__ import annotations
@@ -51,7 +43,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -68,29 +60,8 @@ try:  # TF only feeds the host; the accelerators belong to JAX.
 except (RuntimeError, ValueError):  # already initialised, or no GPU support
   pass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _ID_BUCKETS = 2**62
 _AUTOTUNE = tf.data.AUTOTUNE
-
-
-def default_data_config(**overrides) -> ml_collections.ConfigDict:
-  """The demo's data config; ``overrides`` replace fields (unknown fields are an error)."""
-  config = ml_collections.ConfigDict(dict(
-      name="ctran_demo", data_dir=None, prepare=False,
-      train_split="train", eval_split="validation", test_split="test",
-      image_size=64, scale_size=72, crop_sizes=(72, 64, 56), flip=True,
-      mean=IMAGENET_MEAN, std=IMAGENET_STD,
-      shuffle_buffer=10_000, prefetch=2, cache=True, transform="ctran",
-      resize_on_device=False))
-  for key, value in overrides.items():
-    if key not in config:
-      raise KeyError(f"unknown data config field {key!r}; fields: {sorted(config)}")
-    config[key] = value
-  return config
-
-
-TRANSFORMS = ("ctran", "cub")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,24 +183,19 @@ def open_source(data_config) -> DataSource:
 # ---------------------------------------------------------------------------- transforms
 
 
-def check_transform(data_config) -> None:
-  """Raises ValueError on image/crop sizes or statistics that cannot work together."""
-  transform = data_config.get("transform", "ctran")
-  if transform not in TRANSFORMS:
-    raise ValueError(f"data.transform={transform!r}; expected one of {TRANSFORMS}")
+def _check_ctran(data_config) -> None:
   s, scale = data_config.image_size, data_config.scale_size
   crops = tuple(data_config.crop_sizes)
-  if transform == "cub":
-    if s <= 0:
-      raise ValueError(f"need image_size > 0, got {s}")
-  elif not 0 < s <= scale:
+  if not 0 < s <= scale:
     raise ValueError(f"need 0 < image_size <= scale_size (the eval centre crop), "
                      f"got image_size={s}, scale_size={scale}")
-  if transform == "ctran" and (not crops or not all(0 < c <= scale for c in crops)):
+  if not crops or not all(0 < c <= scale for c in crops):
     raise ValueError(f"crop_sizes must be non-empty and in (0, scale_size={scale}], got {crops}")
-  if len(data_config.mean) != 3 or len(data_config.std) != 3 or min(data_config.std) <= 0:
-    raise ValueError(f"mean/std need 3 channels and std > 0, got {data_config.mean}, "
-                     f"{data_config.std}")
+
+
+def _check_cub(data_config) -> None:
+  if data_config.image_size <= 0:
+    raise ValueError(f"need image_size > 0, got {data_config.image_size}")
 
 
 def _normalise(image: tf.Tensor, data_config) -> tf.Tensor:
@@ -245,7 +211,7 @@ def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
   if image.shape[0] is not None and image.shape[0] == image.shape[1] == size:
     return image
   shrinking = tf.reduce_max(tf.shape(image)[:2]) > size
-  # Upsampling is identical either way; the plain kernel is ~2x faster.
+  # Upsampling is identical either way, and the plain kernel is cheaper.
   return tf.cond(shrinking, lambda: tf.image.resize(image, (size, size), antialias=True),
                  lambda: tf.image.resize(image, (size, size)))
 
@@ -316,7 +282,7 @@ def ctran_train_image(image, seed, data_config) -> tf.Tensor:
   The crop window is decoded at original resolution (`decode_crop`) and resized once to
   image_size: one bilinear resize of the crop instead of two (reference: PIL resize, crop,
   resize). Shrinking by more than 25 % is antialiased (as PIL always is); milder shrinking
-  is not, which is ~2x cheaper and changes little.
+  is not, which is cheaper and changes little.
   """
   size = data_config.image_size
   patch, flip = decode_crop(image, seed, data_config)
@@ -406,10 +372,47 @@ def cub_eval_image(image, data_config) -> tf.Tensor:
   return _normalise(image, data_config)
 
 
-def eval_image(image, data_config) -> tf.Tensor:
-  if data_config.get("transform", "ctran") == "cub":
-    return cub_eval_image(image, data_config)
-  return centre_crop(image, data_config)
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """One recipe of image transforms, named by ``data.transform`` in `TRANSFORMS`.
+
+  train(image, key, data_config): the normalised float (S, S, 3) train image from a decoded
+    uint8 image, or from the encoded bytes unless ``train_decoded``.
+  eval(image, data_config): the normalised float (S, S, 3) eval image of a decoded image.
+  check(data_config): raises ValueError on sizes the recipe cannot use.
+  train_window(image, key, data_config) -> dict: the host half of ``train`` for
+    ``data.resize_on_device`` (`ctran_train_window`); None: the recipe has no device path.
+  """
+  train: Callable
+  eval: Callable
+  check: Callable
+  train_decoded: bool = False
+  train_window: Callable | None = None
+
+
+# A new recipe is one more entry here.
+TRANSFORMS = {
+    "ctran": Transform(train=ctran_train_image, eval=centre_crop, check=_check_ctran,
+                       train_window=ctran_train_window),
+    "cub": Transform(train=cub_train_image, eval=cub_eval_image, check=_check_cub,
+                     train_decoded=True),
+}
+
+
+def check_transform(data_config) -> None:
+  """Raises ValueError on a transform, sizes or statistics that cannot work together."""
+  transform = TRANSFORMS.get(data_config.transform)
+  if transform is None:
+    raise ValueError(f"data.transform={data_config.transform!r}; expected one of "
+                     f"{tuple(TRANSFORMS)}")
+  if data_config.resize_on_device and transform.train_window is None:
+    with_device_path = " or ".join(repr(k) for k, t in TRANSFORMS.items() if t.train_window)
+    raise ValueError(f"config.data.resize_on_device needs config.data.transform="
+                     f"{with_device_path}")
+  transform.check(data_config)
+  if len(data_config.mean) != 3 or len(data_config.std) != 3 or min(data_config.std) <= 0:
+    raise ValueError(f"mean/std need 3 channels and std > 0, got {data_config.mean}, "
+                     f"{data_config.std}")
 
 
 # ------------------------------------------------------------------------------ reading
@@ -433,14 +436,16 @@ def _read(source: DataSource, split) -> tf.data.Dataset:
 
   ds = ds.map(select)
   if source.config.cache:
-    ds = ds.map(functools.partial(_decode, builder), num_parallel_calls=_AUTOTUNE).cache()
+    ds = ds.map(lambda ex: {**ex, "image": _decoded(builder, ex["image"])},
+                num_parallel_calls=_AUTOTUNE).cache()
   return ds
 
 
-def _decode(builder, ex):
-  if ex["image"].dtype == tf.string:
-    ex = {**ex, "image": builder.info.features["image"].decode_example(ex["image"])}
-  return ex
+def _decoded(builder, image: tf.Tensor) -> tf.Tensor:
+  """A record's image decoded (by the dataset's own image feature), if it is still bytes."""
+  if image.dtype == tf.string:
+    return builder.info.features["image"].decode_example(image)
+  return image
 
 
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -502,19 +507,17 @@ def train_dataset(source: DataSource, *, batch_size: int, seed: int, start_step:
     return ds.map(lambda position, ex: (tf.random.experimental.stateless_fold_in(
         key, position), ex))
 
-  def cub_example(key, ex):
-    return {"image": cub_train_image(_decode(builder, ex)["image"], key, data_config),
-            "labels": ex["labels"], "example_id": ex["example_id"]}
+  transform = TRANSFORMS[data_config.transform]
 
-  def ctran_example(key, ex):
-    if data_config.get("resize_on_device", False):
-      return {**ctran_train_window(ex["image"], key, data_config),
-              "labels": ex["labels"], "example_id": ex["example_id"]}
-    return {"image": ctran_train_image(ex["image"], key, data_config),
-            "labels": ex["labels"], "example_id": ex["example_id"]}
+  def example(key, ex):
+    image = _decoded(builder, ex["image"]) if transform.train_decoded else ex["image"]
+    if data_config.resize_on_device:
+      out = transform.train_window(image, key, data_config)
+    else:
+      out = {"image": transform.train(image, key, data_config)}
+    return {**out, "labels": ex["labels"], "example_id": ex["example_id"]}
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_examples)
-  example = cub_example if data_config.get("transform", "ctran") == "cub" else ctran_example
   ds = ds.map(example, num_parallel_calls=_AUTOTUNE).batch(batch_size, drop_remainder=True)
   ds = ds.prefetch(data_config.prefetch)
   return iter(tfds.as_numpy(_options(ds)))
@@ -537,8 +540,9 @@ def _eval_tf_dataset(source: DataSource, split: str, batch_size: int, process_in
   local = _local_split(split, process_index, process_count)
   size = data_config.image_size
   num_labels = source.meta.num_labels
+  eval_image = TRANSFORMS[data_config.transform].eval
   ds = _read(source, local).map(
-      lambda ex: {**ex, "image": eval_image(_decode(builder, ex)["image"], data_config),
+      lambda ex: {**ex, "image": eval_image(_decoded(builder, ex["image"]), data_config),
                   "valid": tf.constant(True)},
       num_parallel_calls=_AUTOTUNE)
   total = num_eval_batches(source, split, batch_size=batch_size,

@@ -53,7 +53,7 @@ def missing_files(name: str, manual_dir: str | None, builder_kwargs: dict | None
     return []
   if not manual_dir:
     return [f"--manual_dir is required for {name}: "
-            + " ".join(str(getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", "")).split())]
+            + " ".join((cls.MANUAL_DOWNLOAD_INSTRUCTIONS or "").split())]
   options = {k: v for k, v in (builder_kwargs or {}).items() if _accepts(check, k)}
   return list(check(manual_dir, **options))
 
@@ -63,9 +63,9 @@ def list_datasets() -> str:
   for short in ("demo", "coco2014", "cub", "vg500", "folder", "voc"):
     name = ALIASES[short]
     cls = _builder_class(name)
-    instructions = " ".join(str(getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or
-                                ("generated, no files needed" if getattr(cls, "GENERATED", False)
-                                 else "builtin TFDS dataset")).split())
+    instructions = " ".join((cls.MANUAL_DOWNLOAD_INSTRUCTIONS or
+                             ("generated, no files needed" if getattr(cls, "GENERATED", False)
+                              else "builtin TFDS dataset")).split())
     lines.append(f"{short:10s} {name:16s} {instructions}")
   return "\n".join(lines)
 

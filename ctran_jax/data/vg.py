@@ -30,8 +30,8 @@ usual VG-500 test set).  So an image's split never depends on the other images o
 Memory: an ``object_hook`` keeps only each image's set of normalised names while parsing,
 instead of the full object dicts; the text itself is still read in one piece.  Measured on
 a synthetic 136 MB objects.json (27k images x 35 objects with v1.4's fields): plain
-``json.load`` grows the process by 0.96 GB, this parse by 0.35 GB (and takes 8 s instead of
-12 s); so expect ~1 GB rather than ~3 GB for the real ~0.4 GB file.
+``json.load`` grows the process by 0.96 GB, this parse by 0.35 GB; so expect ~1 GB rather
+than ~3 GB for the real ~0.4 GB file.
 
 Prepare (not timed on the full data; reading the ~15 GB of JPEGs dominates):
 
@@ -50,12 +50,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import re
 import string
-import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from ctran_jax.data import common
+from ctran_jax.data import files as files_lib
 
 _OBJECTS = ("objects.json", "objects.json.zip")  # read in this order of preference
 _OBJECTS_URL = ("https://homes.cs.washington.edu/~ranjay/visualgenome/data/dataset/"
@@ -127,16 +130,15 @@ def _compact(path: str):
 def read_objects(manual_dir: str) -> tuple[str, dict[int, frozenset[str]]]:
   """(file read, {image_id: normalised object names}) from objects.json (else its zip)."""
   plain, archive = (os.path.join(manual_dir, f) for f in _OBJECTS)
-  path = plain if os.path.isfile(plain) else archive
-  with contextlib.ExitStack() as stack:
-    if path == plain:
-      f = stack.enter_context(open(plain, "rb"))
-    else:
-      zf = stack.enter_context(zipfile.ZipFile(archive))
-      members = [m for m in zf.namelist() if os.path.basename(m) == "objects.json"]
-      if not members:
-        raise ValueError(f"{archive} holds no objects.json; download it again: {_OBJECTS_URL}")
-      f = stack.enter_context(zf.open(members[0]))
+  if os.path.isfile(plain):
+    path, files, member = plain, files_lib.Files(manual_dir), _OBJECTS[0]
+  else:
+    path, files = archive, files_lib.Files(archive, url=_OBJECTS_URL)
+    member = next((m for m in files.names() if posixpath.basename(m) == "objects.json"), None)
+    if member is None:
+      files.close()
+      raise ValueError(f"{archive} holds no objects.json; download it again: {_OBJECTS_URL}")
+  with files, files.open(member) as f:
     try:
       entries = json.load(f, object_hook=_compact(path))
     except json.JSONDecodeError as e:
@@ -158,32 +160,29 @@ class _Images:
   """``<id>.jpg`` files of VG_100K / VG_100K_2, from the folders or the zips."""
 
   def __init__(self, manual_dir: str):
-    self._zips: dict[str, zipfile.ZipFile] = {}
-    self.index: dict[int, tuple[str, str, str]] = {}  # id -> (folder, kind, path or member)
-    for folder, archive, _ in reversed(_IMAGE_SOURCES):  # earlier sources overwrite later
-      directory, zip_path = os.path.join(manual_dir, folder), os.path.join(manual_dir, archive)
-      if os.path.isdir(directory):
-        found = {m.group(1): ("dir", os.path.join(directory, name)) for name in
-                 os.listdir(directory) if (m := _IMAGE_NAME.fullmatch(name))}
-      else:
-        zf = self._zips[zip_path] = zipfile.ZipFile(zip_path)
-        found = {m.group(1): (zip_path, member) for member in zf.namelist()
-                 if (m := _IMAGE_NAME.fullmatch(os.path.basename(member)))}
-      self.index.update({int(i): (folder, *where) for i, where in found.items()})
+    self._files: list[files_lib.Files] = []
+    self.index: dict[int, tuple[str, files_lib.Files, str]] = {}  # id -> (folder, files, name)
+    for folder, archive, url in reversed(_IMAGE_SOURCES):  # earlier sources overwrite later
+      directory = os.path.join(manual_dir, folder)
+      files = files_lib.Files(directory if os.path.isdir(directory)
+                              else os.path.join(manual_dir, archive), url=url)
+      self._files.append(files)
+      for name in files.names():
+        # A folder holds its images at the top; a zip under a folder (VG_100K/...).
+        match = _IMAGE_NAME.fullmatch(name if files.is_folder else posixpath.basename(name))
+        if match:
+          self.index[int(match.group(1))] = (folder, files, name)
 
   def filename(self, image_id: int) -> str:
     return f"{self.index[image_id][0]}/{image_id}.jpg"
 
   def read(self, image_id: int) -> bytes:
-    _, kind, path = self.index[image_id]
-    if kind == "dir":
-      with open(path, "rb") as f:
-        return f.read()
-    return self._zips[kind].read(path)
+    _, files, name = self.index[image_id]
+    return files.read(name)
 
   def close(self):
-    for zf in self._zips.values():
-      zf.close()
+    for files in self._files:
+      files.close()
 
 
 # ----------------------------------------------------------------------------- builder
@@ -225,12 +224,9 @@ class CtranVg500(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
+        features=common.features(self.builder_config.num_labels, **{
             "image/filename": tfds.features.Text(),
             "image/id": tfds.features.Scalar(dtype=np.int64),
-            "labels": tfds.features.Tensor(shape=(self.builder_config.num_labels,),
-                                           dtype=np.uint8),
         }),
         # Filled in by _split_generators: the label names depend on objects.json.
         metadata=tfds.core.MetadataDict(),
@@ -238,15 +234,7 @@ class CtranVg500(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    try:
-      manual_dir = os.fspath(dl_manager.manual_dir)
-    except AssertionError as e:  # TFDS: the manual directory is missing or empty
-      raise FileNotFoundError(f"{str(e).splitlines()[0]}\nctran_vg500 needs:\n  " + "\n  ".join(
-          line for _, _, line in _required_files())) from None
-    missing = self.missing_manual_files(manual_dir)
-    if missing:
-      raise FileNotFoundError(f"ctran_vg500: missing in the manual directory {manual_dir}:\n  "
-                              + "\n  ".join(missing))
+    manual_dir = common.manual_dir(self, dl_manager)
     c = self.builder_config
     source, image_names = read_objects(manual_dir)
     ranked = rank_names(image_names)
@@ -281,8 +269,6 @@ class CtranVg500(tfds.core.GeneratorBasedBuilder):
     with contextlib.closing(_Images(manual_dir)) as images:
       num_labels = self.builder_config.num_labels
       for image_id, hot in examples:
-        labels = np.zeros(num_labels, np.uint8)
-        labels[hot] = 1
         yield image_id, {"image": images.read(image_id),
                          "image/filename": images.filename(image_id),
-                         "image/id": image_id, "labels": labels}
+                         "image/id": image_id, "labels": common.multi_hot(hot, num_labels)}

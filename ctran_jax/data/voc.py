@@ -25,19 +25,12 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ctran_jax.data import adapters
+from ctran_jax.data import adapters, common
 
 VOC_LABELS = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor")
-
-
-def multi_hot(object_labels: tf.Tensor, is_difficult: tf.Tensor, num_labels: int) -> tf.Tensor:
-  """int32 (num_labels,): 1 where some non-difficult object has that class id."""
-  kept = tf.boolean_mask(tf.cast(object_labels, tf.int32), tf.logical_not(is_difficult))
-  hits = tf.equal(kept[:, None], tf.range(num_labels, dtype=tf.int32)[None, :])
-  return tf.cast(tf.reduce_any(hits, axis=0), tf.int32)  # empty image: all zeros
 
 
 @adapters.register("voc")
@@ -49,8 +42,8 @@ def voc_adapter(builder: tfds.core.DatasetBuilder) -> adapters.Adapter:
                      f"standard VOC order {VOC_LABELS}; update ctran_jax/data/voc.py")
 
   def to_example(ex: dict) -> dict:
-    objects = ex["objects"]
-    return {"image": ex["image"],
-            "labels": multi_hot(objects["label"], objects["is_difficult"], len(names))}
+    objects = ex["objects"]  # difficult objects make no label positive
+    kept = tf.boolean_mask(objects["label"], tf.logical_not(objects["is_difficult"]))
+    return {"image": ex["image"], "labels": common.multi_hot_graph(kept, len(names))}
 
   return adapters.Adapter(label_names=names, to_example=to_example)
