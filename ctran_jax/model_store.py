@@ -128,13 +128,16 @@ class ModelDef:
     return cls(description, make, graphdef, rngs)
 
   def merge(self, params, batch_stats, dropout_key: jax.Array | None = None) -> nnx.Module:
-    """The model holding `params` and `batch_stats`, its RNG streams keyed from
-    `dropout_key` (stream i gets ``fold_in(dropout_key, i)``; evaluation needs none)."""
-    key = jax.random.key(0) if dropout_key is None else dropout_key
-    leaves, treedef = jax.tree.flatten(self.rng_shapes)
-    rngs = [jax.random.fold_in(key, i) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-            else jnp.zeros(x.shape, x.dtype) for i, x in enumerate(leaves)]
-    return nnx.merge(self.graphdef, params, batch_stats, jax.tree.unflatten(treedef, rngs))
+    """The model holding `params` and `batch_stats`, every RNG stream reseeded from
+    `dropout_key` (`nnx.reseed`: each stream draws its own key); evaluation needs none."""
+    rngs = jax.tree.map(lambda x: jax.random.key(0) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else jnp.zeros(x.shape, x.dtype), self.rng_shapes)
+    model = nnx.merge(self.graphdef, params, batch_stats, rngs)
+    if dropout_key is not None:
+      tags = {v.tag for _, v in nnx.to_flat_state(self.rng_shapes) if isinstance(v, nnx.RngKey)}
+      nnx.reseed(model, **{tag: jax.random.fold_in(dropout_key, i)
+                           for i, tag in enumerate(sorted(tags))})
+    return model
 
 
 def materialize(abstract_model: nnx.Module, seed: int = 0) -> nnx.Module:
@@ -160,17 +163,26 @@ def materialize(abstract_model: nnx.Module, seed: int = 0) -> nnx.Module:
 
 # ------------------------------------------------------------------------ model directories
 
-def save_model(model: nnx.Module, directory: str) -> str:
-  """Write weights (orbax) + ``model.json`` (format, description) to `directory`."""
+def save_model(model: nnx.Module, directory: str, *, labels=None, transform: dict | None = None,
+               source: dict | None = None) -> str:
+  """Write weights (orbax) + ``model.json`` to `directory`.
+
+  ``model.json``: ``{"format", "config": description, "labels": [L names] | null,
+  "transform": eval transform | null, "source": where it came from | null}``. A model
+  exported from training has labels and transform, so prediction needs no training config
+  (`ctran_jax.predict`); a converted torch model has neither unless given.
+  """
   directory = os.path.abspath(directory)
   if os.path.exists(os.path.join(directory, "model.json")):
-    raise FileExistsError(f"{directory} already holds a converted model; choose another --out")
+    raise FileExistsError(f"{directory} already holds a model; choose another --out")
   os.makedirs(directory, exist_ok=True)
   weights = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "weights"), weights)
     ckptr.wait_until_finished()
-  meta = {"format": MODEL_FORMAT, "config": model_config(model)}
+  meta = {"format": MODEL_FORMAT, "config": model_config(model),
+          "labels": list(labels) if labels is not None else None, "transform": transform,
+          "source": source}
   tmp = os.path.join(directory, "model.json.tmp")
   with open(tmp, "w") as f:
     json.dump(meta, f, indent=2)
@@ -178,18 +190,24 @@ def save_model(model: nnx.Module, directory: str) -> str:
   return directory
 
 
-def read_description(directory: str) -> dict:
-  """The description in ``DIR/model.json``; clear errors for a missing or old directory."""
+def read_info(directory: str) -> dict:
+  """``DIR/model.json`` (format checked); clear errors for a missing or older directory."""
   meta_path = os.path.join(os.path.abspath(directory), "model.json")
   if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{directory} is not a converted model (no model.json); "
-                            "create one with `python -m ctran_jax.convert SRC --out DIR`")
+    raise FileNotFoundError(f"{directory} is not a model directory (no model.json); create "
+                            "one with `python -m ctran_jax.export_model --workdir W --out DIR` "
+                            "or `python -m ctran_jax.convert SRC --out DIR`")
   with open(meta_path) as f:
     meta = json.load(f)
   if meta.get("format") != MODEL_FORMAT:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this version reads "
-                     f"{MODEL_FORMAT!r}; convert or export the model again")
-  return meta["config"]
+                     f"{MODEL_FORMAT!r}; export or convert the model again")
+  return meta
+
+
+def read_description(directory: str) -> dict:
+  """The model description in ``DIR/model.json``."""
+  return read_info(directory)["config"]
 
 
 def load_weights(directory: str, description: dict | None = None) -> dict:

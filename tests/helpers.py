@@ -68,3 +68,20 @@ def default_data_config(**overrides):
       raise KeyError(f"unknown data config field {key!r}; fields: {sorted(config)}")
     config[key] = value
   return config
+
+
+STEPS = 8
+# A tiny C-Tran (width-8 backbone, hidden 32, one layer) on 32x32 crops of ctran_demo/tiny:
+# a whole run compiles and trains in seconds.
+TINY_RUN = {
+    "data.name": "ctran_demo/tiny", "data.image_size": 32, "data.scale_size": 36,
+    "data.crop_sizes": (36, 32, 28), "model.backbone_width": 8, "model.hidden": 32,
+    "model.layers": 1, "schedule.name": "constant", "schedule.warmup_steps": 0,
+    "batch_size": 16, "num_train_steps": STEPS, "log_every_steps": 1, "eval_every_steps": 4,
+    "checkpoint_every_steps": 4, "eval.batch_size": 32, "eval.known_fractions": (0.0, 0.5),
+}
+
+
+def tiny_run_config(data_dir, **overrides):
+  """`TINY_RUN` on the demo data in `data_dir`, with dotted-key overrides."""
+  return demo_config(**{**TINY_RUN, "data.data_dir": data_dir, **overrides})

@@ -15,27 +15,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import REPO, demo_config, tiny_ctran, write_config_file
+from helpers import REPO, STEPS, TINY_RUN, tiny_ctran, tiny_run_config, write_config_file
 
 from configs import default
 from ctran_jax import checkpoint, label_mask, losses, model_store, train
 from ctran_jax.data import demo
 
-STEPS = 8
 NUM_LABELS = len(demo.LABEL_NAMES)
 
 
-TINY_RUN = {
-    "data.name": "ctran_demo/tiny", "data.image_size": 32, "data.scale_size": 36,
-    "data.crop_sizes": (36, 32, 28), "model.backbone_width": 8, "model.hidden": 32,
-    "model.layers": 1, "schedule.name": "constant", "schedule.warmup_steps": 0,
-    "batch_size": 16, "num_train_steps": STEPS, "log_every_steps": 1, "eval_every_steps": 4,
-    "checkpoint_every_steps": 4, "eval.batch_size": 32, "eval.known_fractions": (0.0, 0.5),
-}
-
-
 def tiny_config(data_dir, **overrides):
-  return demo_config(**{**TINY_RUN, "data.data_dir": data_dir, **overrides})
+  return tiny_run_config(data_dir, **overrides)
 
 
 def loss_curve(result):
