@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT = "ctran_jax/train_state/v1"
@@ -144,3 +145,33 @@ def restore(directory: str, step: int, target_state, *, model_config: dict,
   finally:
     manager.close()
   return restored, meta
+
+
+def restore_weights(directory: str, step: int) -> tuple[dict, dict]:
+  """``({"params": ..., "batch_stats": ...}, meta)`` of a checkpoint, without knowing the
+  optimizer that wrote it: the whole state is read as host arrays by its stored layout."""
+  meta = read_meta(directory, step)
+  manager = _reader(directory)
+  try:
+    layout = manager.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), layout,
+                          is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged checkpoints
+    raise CheckpointError(f"cannot read checkpoint {directory}/{step}: {e}") from e
+  finally:
+    manager.close()
+  weights = {k: _pure(state[k]) for k in ("params", "batch_stats")}
+  return weights, meta
+
+
+def _pure(tree):
+  """A restored nnx.State as ``nnx.to_pure_dict`` gives it: each variable's ``{"value": x}``
+  level removed, list indices (stored as strings) back to ints."""
+  if isinstance(tree, dict):
+    if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+      return np.asarray(tree["value"])
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _pure(v)
+            for k, v in tree.items()}
+  return np.asarray(tree)

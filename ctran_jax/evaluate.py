@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from tensorflow.io import gfile
 
-from ctran_jax import label_mask, metrics, sharding
+from ctran_jax import label_mask, metrics, sharding, thresholds
 from ctran_jax.config_util import check_choice, check_range
 from ctran_jax.data import pipeline
 
@@ -114,6 +114,7 @@ class Evaluator:
     self.predict = jax.jit(make_predict_step(model_def),
                            out_shardings=sharding.replicated(mesh))
     self._done = {}  # (split, step) -> report
+    self._scores = {}  # (split, step) -> (probabilities, labels) with no label known
 
   def predictions(self, state, split: str) -> dict[str, np.ndarray]:
     """Host arrays over the valid examples of `split`: logits (F, N, L), labels, states."""
@@ -149,7 +150,14 @@ class Evaluator:
   def run(self, state, split: str) -> dict:
     """{"num_examples": N, "known": {percent: metrics + loss}} for one split
     (+ "known_groups": {n: ...} for extra-label evaluation)."""
+    return self._run(state, split)[0]
+
+  def _run(self, state, split: str):
+    """(report, (probabilities, labels) at 0 % known or None)."""
     pred = self.predictions(state, split)
+    scores = None
+    if 0.0 in self.fractions:
+      scores = (metrics.sigmoid(pred["logits"][self.fractions.index(0.0)]), pred["labels"])
     report = {"num_examples": int(pred["labels"].shape[0]), "known": {}}
     concepts = self.meta.num_concepts or None
     sets = [("known", fraction_key(f)) for f in self.fractions]
@@ -163,12 +171,12 @@ class Evaluator:
       if section == "known_groups":
         values["known_concepts"] = float(np.mean(states[:, :concepts] != label_mask.UNKNOWN))
       report.setdefault(section, {})[key] = values
-    return report
+    return report, scores
 
   def evaluate(self, state, split: str, step: int) -> dict:
     """`run`, logged (console, TensorBoard, ``eval/history.jsonl``) once per (split, step)."""
     if (split, step) not in self._done:
-      report = self.run(state, split)
+      report, self._scores[split, step] = self._run(state, split)
       if self.writer is not None:
         log_report(self.writer, report, step=step, split=split)
       append_history(self.workdir, report, step=step, split=split)
@@ -182,10 +190,27 @@ class Evaluator:
 
   def final_report(self, state, step: int, checkpoint: str) -> dict[str, dict]:
     """Evaluate the eval and test splits, write ``eval/results.json`` and print the tables;
-    the same for a finished training run and for ``--mode=eval``."""
+    the same for a finished training run and for ``--mode=eval``.
+
+    Per-class thresholds are fitted on the eval split with no label known (each class's
+    best F1, `thresholds.fit`), saved as ``eval/thresholds.json`` and applied to every
+    split: its report gains ``"calibrated": {"fitted_on": split, "CP", ..., "OF1"}``, the
+    thresholded metrics at those thresholds (at 0 % known). Only the other splits measure
+    them honestly: on the split they were fitted on they are optimistic.
+    """
     data = self.config.data
     reports = {split: self.evaluate(state, split, step)
                for split in dict.fromkeys((data.eval_split, data.test_split)) if split}
+    if data.eval_split and (data.eval_split, step) in self._scores and \
+        self._scores[data.eval_split, step] is not None:
+      fitted = thresholds.fit(*self._scores[data.eval_split, step])
+      if jax.process_index() == 0:
+        thresholds.save(os.path.join(self.workdir, "eval", "thresholds.json"), fitted,
+                        fitted_on=data.eval_split, step=step)
+      for split, report in reports.items():
+        report["calibrated"] = {"fitted_on": data.eval_split,
+                                **metrics.thresholded_metrics(*self._scores[split, step],
+                                                              fitted)}
     path = write_results(self.workdir, reports, step=step, checkpoint=checkpoint,
                          meta=self.meta)
     if jax.process_index() == 0:
@@ -203,6 +228,12 @@ def table(report: dict) -> str:
   losses = "  ".join(f"{k}%: {v['loss']:.4f}" for k, v in report["known"].items())
   text = (metrics.format_table(columns)
           + f"\nloss (summed BCE on unknown labels / example)  {losses}")
+  calibrated = report.get("calibrated")
+  if calibrated:
+    values = "  ".join(f"{k} {calibrated[k] * 100:.1f}"
+                       for k in ("CP", "CR", "CF1", "OP", "OR", "OF1"))
+    text += (f"\nper-class thresholds fitted on {calibrated['fitted_on']}, 0% known:  "
+             f"{values}")
   groups = report.get("known_groups")
   if groups:
     lines = ["extra labels: concept groups known  class acc  concept acc  concepts known"]

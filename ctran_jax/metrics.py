@@ -193,6 +193,12 @@ def _precision_recall(pred: np.ndarray, targets: np.ndarray, suffix: str = "") -
           f"OP{suffix}": op, f"OR{suffix}": orr, f"OF1{suffix}": _f1(op, orr)}
 
 
+def thresholded_metrics(probs, targets, thresholds) -> dict[str, float]:
+  """CP/CR/CF1/OP/OR/OF1 with one threshold per class (``probs >= thresholds[c]``)."""
+  p, t, _ = _validate(probs, targets)
+  return _precision_recall(p >= np.asarray(thresholds, p.dtype)[None, :], t)
+
+
 def top_k_predictions(probs: np.ndarray, k: int = TOP_K) -> np.ndarray:
   """Per row: probs >= the row's k-th largest prob (ties kept) and >= 0.5."""
   c = probs.shape[1]

@@ -370,7 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def checkpoint_meta():
     return {"model": model_def.description, "num_labels": meta.num_labels,
-            "label_names": list(meta.label_names), "seed": config.seed,
+            "label_names": list(meta.label_names), "dataset": meta.name,
+            "transform": pipeline.eval_transform_spec(config.data), "seed": config.seed,
             "data_position": {"examples_seen": int(state["step"]) * config.batch_size,
                               "batch_size": config.batch_size},
             "plateau": dataclasses.asdict(plateau), "best_metric": best_metric}

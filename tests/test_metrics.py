@@ -286,3 +286,14 @@ def test_format_table(golden):
   assert "Class acc" in cub and "42.4" in cub and "nan" in cub and " -" in cub
   with pytest.raises(ValueError):
     M.format_table({})
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_per_class_thresholds_at_one_half_give_the_reference_metrics(golden, case):
+  probs, targets, _, _ = _inputs(golden, case)
+  at_half = M.thresholded_metrics(probs, targets, np.full(probs.shape[1], 0.5))
+  reference = M.compute_metrics(probs, targets)
+  assert at_half == {k: reference[k] for k in ("CP", "CR", "CF1", "OP", "OR", "OF1")}
+  # A per-class rule: class 0 never fires at threshold 1.1, the others as before.
+  moved = M.thresholded_metrics(probs, targets, [1.1] + [0.5] * (probs.shape[1] - 1))
+  assert moved != at_half

@@ -415,6 +415,22 @@ def check_transform(data_config) -> None:
                      f"{data_config.std}")
 
 
+EVAL_TRANSFORM_KEYS = ("transform", "image_size", "scale_size", "mean", "std")
+
+
+def eval_transform_spec(data_config) -> dict:
+  """The data config's entries that the eval transform reads: stored with a trained model,
+  so that prediction transforms images as evaluation did, without the training config."""
+  return {k: (list(data_config[k]) if isinstance(data_config[k], tuple) else data_config[k])
+          for k in EVAL_TRANSFORM_KEYS}
+
+
+def eval_image(image, spec: dict) -> tf.Tensor:
+  """The eval transform of a decoded uint8 (H, W, 3) image under an `eval_transform_spec`."""
+  data_config = ml_collections.ConfigDict(spec)
+  return TRANSFORMS[spec["transform"]].eval(image, data_config)
+
+
 # ------------------------------------------------------------------------------ reading
 
 
