@@ -91,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 1500          # > 0 wins over num_epochs
   c.num_epochs = 0.0
 
-  c.log_every_steps = 50
+  c.log_every_steps = 100           # a progress line every this many steps
   c.eval_every_steps = 500          # 0: once per epoch
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2

@@ -176,9 +176,11 @@ class Evaluator:
   def evaluate(self, state, split: str, step: int) -> dict:
     """`run`, logged (console, TensorBoard, ``eval/history.jsonl``) once per (split, step)."""
     if (split, step) not in self._done:
+      start = time.perf_counter()
       report, self._scores[split, step] = self._run(state, split)
       if self.writer is not None:
-        log_report(self.writer, report, step=step, split=split)
+        log_report(self.writer, report, step=step, split=split,
+                   seconds=time.perf_counter() - start)
       append_history(self.workdir, report, step=step, split=split)
       self._done[split, step] = report
     return self._done[split, step]
@@ -214,16 +216,26 @@ class Evaluator:
     path = write_results(self.workdir, reports, step=step, checkpoint=checkpoint,
                          meta=self.meta)
     if jax.process_index() == 0:
+      full = "".join(f"{self.meta.name} / {split} @ step {step} ({checkpoint})\n"
+                     f"{table(report)}\n\n" for split, report in reports.items())
+      with gfile.GFile(os.path.join(self.workdir, "eval", "results.txt"), "w") as f:
+        f.write(full)
       for split, report in reports.items():
         print(f"\n{self.meta.name} / {split} @ step {step} ({checkpoint})")
-        print(table(report))
-      print(f"\nresults: {path}")
+        print(table(report, rows=CONSOLE_ROWS))
+      print(f"\nresults: {path} (all metrics as tables: "
+            f"{os.path.join(os.path.dirname(path), 'results.txt')})")
     return reports
 
 
-def table(report: dict) -> str:
-  """The paper-style table of one split's report (one column per known fraction/groups)."""
-  columns = {f"known {k}%": {m: x for m, x in v.items() if m != "loss"}
+CONSOLE_ROWS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "concept_acc", "class_acc")
+
+
+def table(report: dict, rows=None) -> str:
+  """The paper-style table of one split's report (one column per known fraction/groups);
+  `rows` keeps only those metrics (the console's short table)."""
+  columns = {f"known {k}%": {m: x for m, x in v.items()
+                             if m != "loss" and (rows is None or m in rows)}
              for k, v in report["known"].items()}
   losses = "  ".join(f"{k}%: {v['loss']:.4f}" for k, v in report["known"].items())
   text = (metrics.format_table(columns)
@@ -243,7 +255,7 @@ def table(report: dict) -> str:
   return text
 
 
-def log_report(writer, report: dict, *, step: int, split: str) -> None:
+def log_report(writer, report: dict, *, step: int, split: str, seconds: float = 0.0) -> None:
   """TensorBoard scalars ``<split>/known<percent>/<metric>`` and a one-line log."""
   scalars = {f"{split}/known{k}/{name}": v for k, values in report["known"].items()
              for name, v in values.items()}
@@ -251,10 +263,13 @@ def log_report(writer, report: dict, *, step: int, split: str) -> None:
                   for k, values in report.get("known_groups", {}).items()
                   for name, v in values.items()})
   writer.write_scalars(step, scalars)
-  summary = "  ".join(f"known {k}%: mAP {v['mAP']:.4f}" for k, v in report["known"].items())
-  summary += "".join(f"  {k} groups: class acc {v['class_acc']:.4f}"
+  known = report["known"]
+  maps = " / ".join(f"{v['mAP'] * 100:.1f}" for v in known.values())
+  summary = f"mAP {maps} at {'/'.join(known)} % known"
+  summary += "".join(f"; {k} groups: class acc {v['class_acc'] * 100:.1f}"
                      for k, v in report.get("known_groups", {}).items())
-  logging.info("eval %s @ %d (%d examples)  %s", split, step, report["num_examples"], summary)
+  logging.info("eval     %s @ %d: %s (%d examples, %.1f s)", split, step, summary,
+               report["num_examples"], seconds)
 
 
 def append_history(workdir: str, report: dict, *, step: int, split: str) -> None:

@@ -36,11 +36,16 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ctran_jax import console
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(), e.g. configs/default.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and evaluate) or only "
-                          "evaluate a checkpoint.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "show_config"],
+                          "train (and evaluate), eval (a checkpoint), or show_config (print "
+                          "every config key with its value and comment, then exit).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show every log line on the console (absl's "
+                             "full format, library INFO lines, the whole config).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "--mode=eval: 'latest', 'best' or a "
                                   "checkpoint step directory.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of known errors "
@@ -60,7 +65,12 @@ _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Multi-proce
                                      "seconds to wait for every process to connect; then "
                                      "jax aborts the process (DEADLINE_EXCEEDED).",
                                      lower_bound=1)
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
+USAGE = """Usage: python -m ctran_jax.main --config=configs/default.py --workdir=DIR [flags]
+
+  --config.<key>=<value>     override any config key (--mode=show_config lists them all)
+  --mode=eval --checkpoint=best|latest|DIR/checkpoints/<step>   evaluate a checkpoint
+"""
 
 
 class DistributedError(RuntimeError):
@@ -156,28 +166,58 @@ def initialize_distributed(**flag_values) -> str | None:
           f"{jax.local_device_count()} local / {jax.device_count()} devices")
 
 
-class _BelowWarning:
-  """Drop INFO and DEBUG records: processes other than 0 log warnings and errors only."""
+def config_comments(config_file: str) -> dict[str, str]:
+  """``{dotted key: comment}`` from the ``c.<key> = value  # comment`` lines of a config
+  file and of the config files it loads with `load_sibling` (configs/default.py)."""
+  import re
 
-  def filter(self, record) -> bool:
-    return record.levelno >= 30
+  path = config_file.split(":")[0]
+  folder = os.path.dirname(os.path.abspath(path))
+  comments, files = {}, [os.path.join(folder, "default.py"), path]
+  for name in files:
+    if not os.path.exists(name):
+      continue
+    found = {}
+    with open(name) as f:
+      for line in f:
+        match = re.match(r"\s*c\.([\w.]+)\s*=.*?#\s*(.+)$", line)
+        if match:  # the first comment of a key in a file: the main recipe, not a variant
+          found.setdefault(match.group(1), match.group(2).strip())
+    comments.update(found)
+  return comments
 
 
-class _QuietLibraries:
-  """Drop INFO records of orbax and TFDS internals: they bury the training log."""
+def show_config(config, config_file: str) -> str:
+  """Every config key with its value and the comment beside it in the config file."""
+  comments = config_comments(config_file)
+  rows = []
 
-  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+  def walk(node, prefix=""):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        walk(value, f"{prefix}{key}.")
+      else:
+        rows.append((f"{prefix}{key}", repr(value), comments.get(f"{prefix}{key}", "")))
 
-  def filter(self, record) -> bool:
-    return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
+  walk(config)
+  key_w = max(len(r[0]) for r in rows)
+  value_w = min(max(len(r[1]) for r in rows), 28)
+  return "\n".join(f"{k:<{key_w}}  {v:<{value_w}}  {('# ' + c) if c else ''}".rstrip()
+                   for k, v, c in rows)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  handler, quiet = logging.get_absl_handler(), _BelowWarning()
-  handler.addFilter(_QuietLibraries())
-  handler.addFilter(quiet)  # until this process knows it is process 0
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  if _MODE.value == "show_config":
+    print(show_config(config, config_file))
+    return
+  if not workdir:
+    _exit_with_error(ValueError("--workdir is required (where checkpoints, logs and "
+                                "reports go)"), "")
+  console.setup(verbose=_VERBOSE.value, chief=False)  # until this process is known to be 0
   try:
     joined = initialize_distributed(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -190,21 +230,33 @@ def main(argv):
     import jax
 
     where, chief = f" (process {jax.process_index()})", jax.process_index() == 0
-  if chief:
-    handler.removeFilter(quiet)
-  else:
+  console.setup(verbose=_VERBOSE.value, chief=chief)
+  if not chief:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's C++ INFO lines, too
-  logging.info("distributed: %s", joined or "no (one process)")
 
-  # Imported here so that --help and flag errors are instant (TF + JAX import takes
-  # seconds), and after jax.distributed.initialize.
-  from ctran_jax import checkpoint, train
-
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  known_errors = (ValueError, OSError, checkpoint.CheckpointError, FloatingPointError)
   try:
     os.makedirs(workdir, exist_ok=True)
-    logging.info("config:\n%s", config)
+    if chief:
+      console.log_to_file(os.path.join(workdir, "log.txt"))
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
+  except OSError as e:
+    _exit_with_error(OSError(f"workdir {workdir!r} is not writable: {e.strerror or e}"), where)
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  logging.info("ctran_jax %s  %s%s", _MODE.value, config_file,
+               f"  overrides: {' '.join(overrides)}" if overrides else "")
+  logging.info("workdir  %s  (config.json: every setting; log.txt: the full log)", workdir)
+  if joined:
+    logging.info("distributed: %s", joined)
+  logging.info("config:\n%s", config)  # log.txt only (console.FILE_ONLY)
+
+  # Imported here so that --help and flag errors are instant (TF + JAX import takes
+  # seconds), and after jax.distributed.initialize; TensorFlow's start-up notices dropped.
+  with console.quiet_native_stderr():
+    from ctran_jax import checkpoint, train
+
+  known_errors = (ValueError, OSError, checkpoint.CheckpointError, FloatingPointError)
+  try:
     if _MODE.value == "train":
       train.train_and_evaluate(config, workdir)
     else:
@@ -227,6 +279,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   ml_collections reports an unknown key as an AttributeError/KeyError from deep inside
   absl; a user should see the key, the suggestion and nothing else.
   """
+  if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+    print(USAGE)
+    print(flags.FLAGS.module_help(sys.modules[__name__]))
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

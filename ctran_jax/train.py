@@ -18,6 +18,7 @@ every process runs this same loop on its own data shard (main.py initialises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -33,7 +34,16 @@ from clu import metric_writers
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ctran_jax import augment, checkpoint, evaluate, label_mask, losses, model_store, sharding
+from ctran_jax import (
+  augment,
+  checkpoint,
+  console,
+  evaluate,
+  label_mask,
+  losses,
+  model_store,
+  sharding,
+)
 from ctran_jax.config_util import check_choice
 from ctran_jax.data import pipeline
 
@@ -307,10 +317,56 @@ def total_train_steps(config, train_size: int) -> int:
   return max(1, math.ceil(config.num_epochs * train_size / config.batch_size))
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-      f"{seconds // 60}m{seconds % 60:02d}s"
+def model_summary(description: dict) -> str:
+  """One line for the console: backbone and encoder sizes."""
+  d = description
+  if d.get("backbone") == "resnet":
+    depth = (f"ResNet-{d['backbone_depth']}" if d["backbone_depth"] else
+             f"ResNet {d['backbone_width']}-wide "
+             f"{'-'.join(map(str, d['backbone_stage_sizes']))} {d['backbone_block']}")
+  else:
+    depth = "Inception-v3"
+  return (f"C-Tran, {depth} backbone, hidden {d['hidden']}, {d['layers']} layers x "
+          f"{d['heads']} heads, {'LMT' if d['use_lmt'] else 'no LMT'}")
+
+
+class Pace:
+  """Steps/s and ETA over training time only: the first step (compilation) and the
+  evaluations and saves between steps (`paused`) are left out."""
+
+  def __init__(self, step: int):
+    self._step, self._time, self._paused = step, time.perf_counter(), 0.0
+    self.compile_seconds = None
+    self._noted = False
+
+  def compiled(self, _, step: int) -> None:
+    """The first step's results are ready: it took the compilation time."""
+    now = time.perf_counter()
+    self.compile_seconds = now - self._time
+    self._step, self._time, self._paused = step, now, 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - start
+
+  def steps_per_second(self, step: int) -> float:
+    """Since the last call (0 when no step was timed yet)."""
+    now = time.perf_counter()
+    seconds = now - self._time - self._paused
+    rate = (step - self._step) / seconds if step > self._step and seconds > 0 else 0.0
+    self._step, self._time, self._paused = step, now, 0.0
+    return rate
+
+  def compile_note(self) -> str:
+    """On the first progress line: how long the first step (compilation) took."""
+    if self._noted or self.compile_seconds is None:
+      return ""
+    self._noted = True
+    return f"  (first step, compilation included: {self.compile_seconds:.1f} s)"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -336,11 +392,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_steps = total_train_steps(config, train_size)
   steps_per_epoch = max(1, train_size // config.batch_size)
   eval_every = config.eval_every_steps or steps_per_epoch
-  logging.info("dataset %s: %d labels, splits %s; %d devices in %d process(es), mesh %s, "
-               "global batch %d (%d on this process), %d steps (%.1f epochs)", meta.name,
-               meta.num_labels, meta.split_sizes, mesh.devices.size, jax.process_count(),
-               dict(mesh.shape), config.batch_size, local_batch, num_steps,
-               num_steps / steps_per_epoch)
+  sizes = ", ".join(f"{k} {v}" for k, v in meta.split_sizes.items())
+  logging.info("dataset  %s: %d labels; %s", meta.name, meta.num_labels, sizes)
+  devices = mesh.devices.flat[0]
+  logging.info("devices  %d %s device(s) in %d process(es), mesh %s; batch %d; %d steps "
+               "(%.1f epochs)", mesh.devices.size, devices.platform, jax.process_count(),
+               " ".join(f"{k}={v}" for k, v in mesh.shape.items()), config.batch_size,
+               num_steps, num_steps / steps_per_epoch)
 
   # --- Model, optimizer, LMT states, evaluator: each checks its own config section.
   model_def = model_from_config(config, meta.num_labels)
@@ -361,11 +419,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           num_labels=meta.num_labels)
     plateau = Plateau(**ckpt_meta["plateau"])
     best_metric = ckpt_meta["best_metric"]
-    logging.info("resumed from %s/%d", directory, step)
+    logging.info("resumed  from %s/%d", directory, step)
   else:
     state = init()
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  logging.info("model: %s parameters, %s", f"{num_params:,}", model_def.description)
+  logging.info("model    %s: %s parameters", model_summary(model_def.description),
+               f"{num_params:,}")
   start_step = int(state["step"])
 
   def checkpoint_meta():
@@ -382,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       source, batch_size=local_batch, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   pending, train_log = [], []
-  last_log_time, last_log_step = time.perf_counter(), start_step
+  pace = Pace(start_step)
   if start_step >= num_steps:
     logging.info("training already complete at step %d; evaluating", start_step)
   for step in range(start_step, num_steps):
@@ -394,39 +453,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, metrics = train_step(state, batch, jnp.float32(plateau.scale))
     pending.append(metrics)
     done = step + 1
+    if step == start_step:
+      pace.compiled(jax.block_until_ready(metrics), done)
 
     if done % config.log_every_steps == 0 or done == num_steps:
       summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
                  for k in pending[0]}
       summary["lr"] = float(pending[-1]["lr"])
-      now = time.perf_counter()
-      steps_per_s = (done - last_log_step) / (now - last_log_time)
+      steps_per_s = pace.steps_per_second(done)
       summary.update(steps_per_sec=steps_per_s, examples_per_sec=steps_per_s * config.batch_size)
       writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
       train_log.append({"step": done, **summary})
-      logging.info("step %d/%d  loss %.4f  bce %.4f  lr %.2e  grad_norm %.3f  %.2f steps/s  "
-                   "%.0f ex/s  ETA %s", done, num_steps, summary["loss"],
-                   summary["bce_per_entry"], summary["lr"], summary["grad_norm"],
-                   steps_per_s, summary["examples_per_sec"],
-                   _format_eta((num_steps - done) / max(steps_per_s, 1e-9)))
+      logging.info("step %*d/%d  loss %.4f  lr %.2e  grad %.3f  %s  ETA %s%s",
+                   len(str(num_steps)), done, num_steps, summary["loss"], summary["lr"],
+                   summary["grad_norm"],
+                   f"{steps_per_s:.1f} steps/s" if steps_per_s else "-- steps/s",
+                   console.format_seconds((num_steps - done) / steps_per_s) if steps_per_s
+                   else "--", pace.compile_note())
       if not math.isfinite(summary["loss"]):
         raise FloatingPointError(f"training loss became {summary['loss']} at step {done}; "
                                  "lower config.optimizer.learning_rate or enable "
                                  "config.optimizer.grad_clip_norm")
-      pending, last_log_time, last_log_step = [], time.perf_counter(), done
+      pending = []
 
     is_best = False
     if done % eval_every == 0 or done == num_steps:
-      report = evaluator.evaluate(state, config.data.eval_split, done)
+      with pace.paused():  # evaluation time is not training speed
+        report = evaluator.evaluate(state, config.data.eval_split, done)
       first = report["known"][evaluate.fraction_key(evaluator.fractions[0])]
       if config.schedule.name == "plateau" and plateau.update(first["loss"]):
         logging.info("validation loss plateaued: learning rate scale now %g", plateau.scale)
       selected = evaluator.selection_value(report)
       if selected > best_metric:
         best_metric, is_best = selected, True
-      last_log_time = time.perf_counter()  # evaluation time is not training speed
     if done % config.checkpoint_every_steps == 0 or done == num_steps or is_best:
-      ckpts.save(done, state, checkpoint_meta(), best=is_best)
+      with pace.paused():
+        start = time.perf_counter()
+        ckpts.save(done, state, checkpoint_meta(), best=is_best)
+        logging.info("saved    checkpoint %d%s in %.1f s (written in the background)", done,
+                     ", the best so far," if is_best else "", time.perf_counter() - start)
 
   # --- Final report on the evaluation and test splits.
   ckpts.wait()

@@ -43,6 +43,7 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ctran_jax import console
 from ctran_jax.data import common
 
 # Four themes of four categories (9 shapes, 7 textures); within a theme the categories look
@@ -251,13 +252,21 @@ class CtranDemo(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     c = self.builder_config
-    return {"train": self._generate_examples("train", c.num_train),
-            "validation": self._generate_examples("validation", c.num_validation),
-            "test": self._generate_examples("test", c.num_test)}
+    name = self.name if c.name == "default" else f"{self.name}/{c.name}"
+    progress = console.ProgressBar(
+        c.num_train + c.num_validation + c.num_test,
+        f"generating {name} ({c.num_train}/{c.num_validation}/{c.num_test} images)")
+    return {"train": self._generate_examples("train", c.num_train, progress),
+            "validation": self._generate_examples("validation", c.num_validation, progress),
+            "test": self._generate_examples("test", c.num_test, progress)}
 
-  def _generate_examples(self, split: str, count: int):
+  def _generate_examples(self, split: str, count: int, progress=None):
     c = self.builder_config
     split_seed = zlib.crc32(split.encode())
     for index in range(count):
       rng = np.random.default_rng([c.seed, split_seed, index])
       yield index, render_example(rng, c.image_size)
+      if progress is not None:
+        progress.update()
+        if progress.done == progress.total:
+          progress.close()

@@ -39,8 +39,10 @@ permutation per epoch; ``cache`` keeps decoded images in memory (small datasets 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -121,7 +123,16 @@ def _prepare(builder, adapter, data_config) -> None:
                        "the pipeline needs 'image' and multi-hot 'labels' (L,) (or an "
                        f"adapter: registered for {adapters.registered()})")
   if not builder.is_prepared():
-    if getattr(builder, "GENERATED", False) or data_config.prepare:
+    if getattr(builder, "GENERATED", False):
+      # The builder shows its own progress; TFDS's "Downloading and preparing" lines
+      # (stdout) and its per-split bars would only confuse: nothing is downloaded.
+      tfds.display_progress_bar(False)
+      try:
+        with contextlib.redirect_stdout(io.StringIO()):
+          builder.download_and_prepare()
+      finally:
+        tfds.display_progress_bar(True)
+    elif data_config.prepare:
       builder.download_and_prepare()
     else:
       raise FileNotFoundError(
