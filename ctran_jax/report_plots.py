@@ -71,7 +71,8 @@ def precision_recall_curve(labels_1d, scores_1d) -> tuple[np.ndarray, np.ndarray
 
   Entry i is for predicting ``score >= thresholds[i]``; recall is NaN without positives.
   The non-interpolated AP (`metrics.average_precision`) is sum_i (R_i - R_{i-1}) P_i with
-  R_{-1} = 0, the area under the curve `plot` draws as steps.
+  R_{-1} = 0: the area under the steps the figure draws through the points where recall
+  rises.
   """
   scores = np.asarray(scores_1d, dtype=np.float32)  # as the metrics evaluate them
   labels = np.asarray(labels_1d)
@@ -155,6 +156,7 @@ def _known(ax, reports: Mapping[str, dict]) -> None:
     for xi, yi in zip(x, y, strict=True):
       ax.annotate(f"{yi * 100:.1f}", (xi, yi * 100), textcoords="offset points",
                   xytext=(0, 5 if yi >= top[xi] else -12), ha="center", fontsize=7)
+  ax.margins(y=0.12)  # room for the values
   ax.set_xlabel("labels known (%)")
   ax.set_ylabel("mAP over unknown labels (%)")
   ax.set_title("mAP vs known labels", fontsize=10)
@@ -168,6 +170,8 @@ def _pr(ax, chosen: list[ClassAP], scores, index: Mapping[str, int], split: str)
   for i, r in enumerate(chosen):
     c = index[r.name]
     precision, recall, _ = precision_recall_curve(labels[:, c], probabilities[:, c])
+    rises = np.diff(np.append(0.0, recall)) > 0  # the points that add to the AP
+    precision, recall = precision[rises], recall[rises]
     ax.step(np.append(0.0, recall), np.append(precision[0], precision), where="pre",
             ls="-" if i < num_best else "--", label=f"{_short(r.name)} (AP {r.ap * 100:.1f})")
   ax.set_xlim(0, 1.01)
