@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from tensorflow.io import gfile
 
-from ctran_jax import label_mask, metrics, sharding, thresholds
+from ctran_jax import label_mask, metrics, report_plots, sharding, thresholds
 from ctran_jax.config_util import check_choice, check_range
 from ctran_jax.data import pipeline
 
@@ -224,8 +224,21 @@ class Evaluator:
         print(f"\n{self.meta.name} / {split} @ step {step} ({checkpoint})")
         print(table(report, rows=CONSOLE_ROWS))
       print(f"\nresults: {path} (all metrics as tables: "
-            f"{os.path.join(os.path.dirname(path), 'results.txt')})")
+            f"{os.path.join(os.path.dirname(path), 'results.txt')}; plots: report.png)")
+      self._write_plots(reports, step)
     return reports
+
+  def _write_plots(self, reports: dict[str, dict], step: int) -> None:
+    """``eval/report.png`` and TensorBoard image ``eval/report`` (`report_plots`); per-class
+    panels on the test split, else the eval split. A plotting error is logged, not raised:
+    results.json is already written."""
+    split = self.config.data.test_split or self.config.data.eval_split
+    try:
+      report_plots.write(self.workdir, reports, self.meta.label_names,
+                         self._scores.get((split, step)), split=split, step=step,
+                         title=f"{self.meta.name} @ step {step}", writer=self.writer)
+    except Exception:  # noqa: BLE001 - a plot must not fail a finished evaluation
+      logging.exception("could not write the evaluation report plots")
 
 
 CONSOLE_ROWS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "concept_acc", "class_acc")

@@ -4,6 +4,7 @@ Runs use a tiny C-Tran (width-8 backbone, hidden 32) on 32x32 crops of ``ctran_d
 so that each run compiles and trains in seconds; the 8 fake CPU devices come from conftest.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -63,6 +64,23 @@ def test_training_writes_report_checkpoints_and_learns(run_8dev):
     history = [json.loads(line) for line in f]
   assert [(h["step"], h["split"]) for h in history] == [(4, "validation"), (8, "validation"),
                                                         (8, "test")]
+
+
+def test_training_writes_the_report_figure_and_its_tensorboard_image(run_8dev):
+  import tensorflow as tf
+  from PIL import Image
+
+  from ctran_jax import report_plots
+
+  workdir, _ = run_8dev
+  with Image.open(os.path.join(workdir, "eval", "report.png")) as image:
+    assert image.format == "PNG" and min(image.size) >= 600
+  images = set()
+  for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      images.update((v.tag, event.step) for v in event.summary.value
+                    if v.metadata.plugin_data.plugin_name == "images")
+  assert (report_plots.TB_TAG, STEPS) in images
 
 
 def test_one_device_gives_the_same_loss_trajectory(run_8dev, demo_data_dir, tmp_path):
