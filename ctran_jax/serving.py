@@ -121,7 +121,8 @@ def weight_names(model) -> list[str]:
   names = []
   for path, _ in paths:
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    names.append("/".join(parts[1:]))  # drop the (params, batch_stats) index
+    parts = parts[1:]  # drop the (params, batch_stats) index
+    names.append("/".join(parts[:-1] if parts[-1] == "value" else parts))
   return names
 
 
@@ -145,7 +146,6 @@ def export_jax(model, info: dict, *, uint8: bool, platforms=PLATFORMS):
   import jax
 
   fn, weights = probability_function(model, info["transform"], uint8=uint8)
-  weights = [jax.numpy.asarray(w) for w in weights]
 
   def serve(images, label_states):
     return fn(weights, images, label_states)
@@ -165,7 +165,7 @@ def save_saved_model(model, info: dict, path: str, *, platforms=PLATFORMS) -> No
   functions = {}
   for signature, kind in SIGNATURES.items():
     fn, weights = probability_function(model, info["transform"], uint8=kind == "uint8")
-    if not hasattr(module, "weights"):
+    if not functions:  # one set of variables, shared by the signatures
       module.weights = [tf.Variable(w, trainable=False, name=name)
                         for w, name in zip(weights, weight_names(model), strict=True)]
     converted = jax2tf.convert(fn, polymorphic_shapes=polymorphic, with_gradient=False,

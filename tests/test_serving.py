@@ -52,13 +52,16 @@ def cases(demo_data_dir, served, tmp_path_factory):
   known[1, [2, 3, 9]] = 0, 1, 1
   known[2, 7] = 1
   model = model_store.load_model(model_dir)
+  # One (eager) model call for both state sets; eval mode: every row is computed alone.
+  both = np.asarray(jax.nn.sigmoid(model(np.concatenate([normalised, normalised]),
+                                         np.concatenate([unknown, known]))))
   inputs, expected = {}, {}
   for batch in (1, 3):
-    for name, states in (("unknown", unknown), ("known", known)):
+    for name, states, probs in (("unknown", unknown, both[:3]), ("known", known, both[3:])):
       key = f"{name}{batch}"
       inputs[f"{key}_uint8"], inputs[f"{key}_float32"] = pixels[:batch], normalised[:batch]
       inputs[f"{key}_states"] = states[:batch]
-      expected[key] = np.asarray(jax.nn.sigmoid(model(normalised[:batch], states[:batch])))
+      expected[key] = probs[:batch]
   path = str(tmp_path_factory.mktemp("cases") / "inputs.npz")
   np.savez(path, **inputs)
   return path, expected
@@ -186,3 +189,14 @@ def test_clear_errors_for_a_model_without_labels_and_an_existing_out(served, tmp
   assert serving.main(["--model", model_dir, "--out", new_out, "--platforms", "gpu"]) == 2
   assert "expected some of cpu, cuda" in capsys.readouterr().err
   assert not os.path.exists(new_out)
+
+
+def test_jax_only_export(served, tmp_path):
+  model_dir, _ = served
+  out = str(tmp_path / "jax_only")
+  assert serving.main(["--model", model_dir, "--out", out, "--no_saved_model",
+                       "--platforms", "cpu"]) == 0
+  assert sorted(os.listdir(out)) == sorted([*serving.JAX_FILES.values(), "serving.json"])
+  with open(os.path.join(out, "serving.json")) as f:
+    meta = json.load(f)
+  assert meta["saved_model"] is None and meta["platforms"] == ["cpu"]
