@@ -65,6 +65,8 @@ def check_info(info: dict) -> None:
     raise ValueError("this model directory has no label names or eval transform (a "
                      "converted torch model?); export one from a training run with "
                      "`python -m ctran_jax.export_model --workdir W --out DIR`")
+  if info["config"].get("kind") != "ctran":
+    raise ValueError(f"a {info['config'].get('kind')!r} model; serving exports C-Tran models")
   if len(info["labels"]) != info["config"]["num_labels"]:
     raise ValueError(f"model.json lists {len(info['labels'])} labels for a model with "
                      f"{info['config']['num_labels']}")
