@@ -44,6 +44,9 @@ CELLS = {
     "no_lmt_3x": ("no LMT, 3x the steps", {"model.use_lmt": False, "_budget": 3}),
     "mix50_3x": ("LMT, 50 % show no label, 3x the steps",
                  {"lmt.all_unknown_fraction": 0.5, "_budget": 3}),
+    "mix75": ("LMT, 75 % of examples show no label", {"lmt.all_unknown_fraction": 0.75}),
+    "mix75_loss_all": ("LMT, 75 % show no label, loss on all labels",
+                       {"lmt.all_unknown_fraction": 0.75, "loss.labels": "all"}),
 }
 DEFAULT_CELLS = ("reference", "no_lmt", "loss_all", "sum", "mix50", "learned_unknown",
                  "reference_3x", "no_lmt_3x")

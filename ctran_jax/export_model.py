@@ -1,7 +1,7 @@
 """Write a self-describing model directory from a training run.
 
     python -m ctran_jax.export_model --workdir=/tmp/ctran_demo --out=/tmp/ctran_demo_model
-    python -m ctran_jax.export_model --workdir=W --checkpoint=latest --out=DIR
+    python -m ctran_jax.export_model --workdir=W --checkpoint=best --out=DIR
 
 The directory (`model_store.save_model`) holds the float32 weights and ``model.json``:
 the model description, the label names and the eval transform (image size, resize rule,
@@ -19,7 +19,7 @@ import os
 import sys
 
 
-def checkpoint_model(workdir: str, which: str = "best"):
+def checkpoint_model(workdir: str, which: str = "latest"):
   """(model in eval mode, model.json-style info, thresholds or None) of a checkpoint.
 
   The thresholds are the run's fitted ones (``W/eval/thresholds.json``) when they were
@@ -82,8 +82,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m ctran_jax.export_model",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="the training run's workdir")
-  parser.add_argument("--checkpoint", default="best",
-                      help="best (default), latest or a checkpoint step directory")
+  parser.add_argument("--checkpoint", default="latest",
+                      help="latest (default: the one eval/results.json describes, with its "
+                      "fitted thresholds), best or a checkpoint step directory")
   parser.add_argument("--out", required=True, help="the model directory to write (new)")
   args = parser.parse_args(argv)
   from ctran_jax import checkpoint

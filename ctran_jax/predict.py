@@ -2,7 +2,7 @@ r"""Predict the labels of your own images with a trained C-Tran, telling it some
 
     python -m ctran_jax.predict --model=/tmp/ctran_demo_model photo.jpg more/ 'shots/*.png'
     python -m ctran_jax.predict --model=DIR photo.jpg --known=disc=1 --known=grid=0
-    python -m ctran_jax.predict --workdir=/tmp/ctran_demo --checkpoint=best photos/ --json
+    python -m ctran_jax.predict --workdir=/tmp/ctran_demo photos/ --json
     python -m ctran_jax.predict --model=DIR photos/ --attention=/tmp/maps --top=3
 
 A model directory comes from `ctran_jax.export_model` (``--workdir`` reads a training
@@ -93,7 +93,7 @@ class Predictor:
     return cls(model_store.load_model(directory), info, fitted, **kwargs)
 
   @classmethod
-  def from_workdir(cls, workdir: str, which: str = "best", **kwargs) -> Predictor:
+  def from_workdir(cls, workdir: str, which: str = "latest", **kwargs) -> Predictor:
     from ctran_jax import export_model
 
     model, info, fitted = export_model.checkpoint_model(workdir, which)
@@ -295,8 +295,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
   p.add_argument("--model", help="a model directory (from ctran_jax.export_model)")
   p.add_argument("--workdir", help="or a training workdir (with --checkpoint)")
-  p.add_argument("--checkpoint", default="best",
-                 help="with --workdir: best (default), latest or a checkpoint step directory")
+  p.add_argument("--checkpoint", default="latest",
+                 help="with --workdir: latest (default), best or a checkpoint step directory")
   p.add_argument("--known", action="append", default=[], metavar="NAME=1|0",
                  help="a label given as present (1) or absent (0); repeat for several")
   p.add_argument("--top", type=int, default=10,

@@ -28,3 +28,18 @@ def demo_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   tfds.builder("ctran_demo/tiny", data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(demo_data_dir, tmp_path_factory):
+  """(workdir, model directory) of one tiny training run, exported (`tiny_run_config`):
+  shared by the prediction and serving tests."""
+  from helpers import tiny_run_config
+
+  from ctran_jax import export_model, train
+
+  tmp = tmp_path_factory.mktemp("trained_tiny")
+  workdir, model_dir = str(tmp / "run"), str(tmp / "model")
+  train.train_and_evaluate(tiny_run_config(demo_data_dir), workdir)
+  export_model.export(workdir, "latest", model_dir)
+  return workdir, model_dir

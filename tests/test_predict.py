@@ -19,17 +19,13 @@ import tensorflow_datasets as tfds
 from helpers import REPO, tiny_run_config
 from PIL import Image
 
-from ctran_jax import export_model, model_store, predict, thresholds, train
+from ctran_jax import model_store, predict, thresholds, train
 from ctran_jax.data import pipeline
 
 
 @pytest.fixture(scope="module")
-def trained(demo_data_dir, tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("predict")
-  workdir, model_dir = str(tmp / "run"), str(tmp / "model")
-  train.train_and_evaluate(tiny_run_config(demo_data_dir), workdir)
-  export_model.export(workdir, "latest", model_dir)
-  return workdir, model_dir
+def trained(trained_tiny):
+  return trained_tiny
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,16 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import tiny_run_config
 
-from ctran_jax import export_model, model_store, serving, train
+from ctran_jax import model_store, serving
 
 NUM_LABELS, SIZE = 16, 32
 
 
 @pytest.fixture(scope="module")
-def served(demo_data_dir, tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("serving")
-  workdir, model_dir, out = str(tmp / "run"), str(tmp / "model"), str(tmp / "serving")
-  train.train_and_evaluate(tiny_run_config(demo_data_dir), workdir)
-  export_model.export(workdir, "latest", model_dir)
+def served(trained_tiny, tmp_path_factory):
+  _, model_dir = trained_tiny
+  out = str(tmp_path_factory.mktemp("serving") / "serving")
   assert serving.main(["--model", model_dir, "--out", out]) == 0
   return model_dir, out
 

@@ -270,3 +270,36 @@ class CtranDemo(tfds.core.GeneratorBasedBuilder):
         progress.update()
         if progress.done == progress.total:
           progress.close()
+
+
+def write_images(out: str, *, split: str = "test", count: int = 4, config: str = "default"
+                 ) -> list[tuple[str, list[str]]]:
+  """Render the first `count` examples of a split as PNG files (the same pixels the dataset
+  holds); returns (path, label names) per image. For trying `ctran_jax.predict`."""
+  import os
+
+  from PIL import Image
+
+  c = next(b for b in CtranDemo.BUILDER_CONFIGS if b.name == config)
+  os.makedirs(out, exist_ok=True)
+  written = []
+  for index in range(count):
+    rng = np.random.default_rng([c.seed, zlib.crc32(split.encode()), index])
+    example = render_example(rng, c.image_size)
+    path = os.path.join(out, f"{split}_{index:04d}.png")
+    Image.fromarray(example["image"]).save(path)
+    written.append((path, [LABEL_NAMES[i] for i in np.flatnonzero(example["labels"])]))
+  return written
+
+
+if __name__ == "__main__":
+  import argparse
+
+  parser = argparse.ArgumentParser(prog="python -m ctran_jax.data.demo",
+                                   description="Write demo images as PNG files.")
+  parser.add_argument("--write_images", required=True, metavar="DIR")
+  parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+  parser.add_argument("--count", type=int, default=4)
+  args = parser.parse_args()
+  for path, names in write_images(args.write_images, split=args.split, count=args.count):
+    print(f"{path}  (true labels: {', '.join(names)})")
