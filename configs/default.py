@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.cache = True               # keep decoded examples in memory (small datasets only)
   c.data.transform = "ctran"        # "ctran" (reference COCO/VOC/VG) or "cub" transforms
   c.data.resize_on_device = False   # "ctran": host decodes the crop, the train step resizes
+  c.data.on_bad_example = "fail"    # an image that does not decode: "fail" (stop, say which
+                                    # split) or "skip" (drop it, counted in each batch)
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet"       # "resnet" or "inception_v3" (CUB)

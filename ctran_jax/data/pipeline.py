@@ -35,6 +35,14 @@ then carry the decoded crop (uint8, in a ``canvas_size`` square) + its size + fl
 train step resizes, mirrors and normalises on the accelerator (`ctran_jax.augment`), so
 the host only decodes.  A ``shuffle_buffer`` at least the split's size gives a full
 permutation per epoch; ``cache`` keeps decoded images in memory (small datasets only).
+
+Undecodable examples (image bytes that TF cannot decode, in a dataset prepared elsewhere or
+damaged since): ``data.on_bad_example="fail"`` (default) stops at the first with a one-line
+ValueError naming the split and dataset; ``"skip"`` drops them, deterministically, and
+counts them in a per-row ``skipped`` field of every batch (train: how many examples were
+dropped just before this one; eval: True on a row that stands for a dropped example, which
+is also ``valid=False``), summed by the returned iterator's ``skipped`` attribute.  See
+`train_dataset` and `eval_dataset` for how dropping keeps resume exactness and lockstep.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import functools
 import io
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 
 import ml_collections
@@ -64,6 +73,11 @@ except (RuntimeError, ValueError):  # already initialised, or no GPU support
 
 _ID_BUCKETS = 2**62
 _AUTOTUNE = tf.data.AUTOTUNE
+ON_BAD_EXAMPLE = ("fail", "skip")
+# on_bad_example="skip": an epoch reads its shuffled shard up to this many times over to fill
+# its batches with decodable examples (more than once only when more examples fail than the
+# epoch leaves out anyway: the shard's size modulo the batch size).
+_CYCLES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +176,7 @@ def open_source(data_config) -> DataSource:
   In a multi-process job on a shared filesystem, let one process open it first.
   """
   check_transform(data_config)
+  on_bad_example(data_config)
   builder = _builder(data_config.name, data_config.data_dir)
   adapter = adapters.adapter_for(builder)
   _prepare(builder, adapter, data_config)
@@ -442,11 +457,91 @@ def eval_image(image, spec: dict) -> tf.Tensor:
   return TRANSFORMS[spec["transform"]].eval(image, data_config)
 
 
+# ------------------------------------------------------------------------- bad examples
+
+
+def on_bad_example(data_config) -> str:
+  """``data.on_bad_example`` ("fail" when absent, as in configs saved before it existed)."""
+  policy = data_config.get("on_bad_example", "fail")
+  if policy not in ON_BAD_EXAMPLE:
+    raise ValueError(f"data.on_bad_example={policy!r}; expected one of {ON_BAD_EXAMPLE}")
+  return policy
+
+
+def _tf_message(error: tf.errors.OpError) -> str:
+  """TF's own words of an error raised in a tf.data function, on one line."""
+  line = (error.message or str(error)).strip().splitlines()[0]
+  line = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:\w+\].*", "", line)
+  return re.sub(r"^.*Iterator::[\w:]+:\s*", "", line).strip()[:200]
+
+
+class Batches(Iterator):
+  """Numpy batches of a pipeline (`train_dataset`, `eval_dataset`).
+
+  ``skipped``: how many undecodable examples the batches returned so far stand for (the sum
+  of their ``skipped`` field; 0 unless ``data.on_bad_example="skip"``).  With "fail", an
+  image that does not decode raises a one-line ValueError instead of TF's error.
+  """
+
+  def __init__(self, ds: tf.data.Dataset, data_config, split: str, short_epoch: str = ""):
+    self._batches = iter(tfds.as_numpy(ds))
+    self._fails = on_bad_example(data_config) == "fail"
+    self._where = f"split {split!r} of dataset {data_config.name!r}"
+    self._short_epoch = short_epoch
+    self.skipped = 0
+
+  def __iter__(self) -> Batches:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      batch = next(self._batches)
+    except tf.errors.InvalidArgumentError as e:
+      if not self._fails:
+        raise
+      raise ValueError(f"{self._where}: an example's image cannot be decoded "
+                       f"({_tf_message(e)}); set config.data.on_bad_example=skip to drop "
+                       "such examples, or prepare the dataset again") from None
+    except tf.errors.FailedPreconditionError as e:
+      if not self._short_epoch or "expected to contain" not in str(e):
+        raise
+      raise ValueError(f"{self._where}: {self._short_epoch}") from None
+    self.skipped += int(np.sum(batch["skipped"]))
+    return batch
+
+
+def _blank(spec) -> dict:
+  """Zeros of an element spec (unknown dimensions: 1)."""
+  return tf.nest.map_structure(
+      lambda s: tf.zeros([1 if d is None else d for d in s.shape], s.dtype), spec)
+
+
+def _refill(indexed: tf.data.Dataset, count: int, filler) -> tf.data.Dataset:
+  """``count`` elements: those of ``indexed`` ((index, element) pairs, indices increasing in
+  [0, count)) at their index, and ``filler`` at every index that is missing."""
+
+  def gap(previous, item):
+    index, element = item
+    return index, (index - previous - 1, element)
+
+  def expand(missing, element):
+    return tf.data.Dataset.from_tensors(filler).repeat(missing).concatenate(
+        tf.data.Dataset.from_tensors(element))
+
+  ds = indexed.scan(tf.constant(-1, tf.int64), gap).flat_map(expand)
+  return ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat()).take(count)
+
+
 # ------------------------------------------------------------------------------ reading
 
 
 def _read(source: DataSource, split) -> tf.data.Dataset:
-  """Records in file order as {example_id, image (decoded when cached, else bytes), labels}."""
+  """Records in file order as {example_id, image (decoded when cached, else bytes), labels}.
+
+  Cached with ``on_bad_example="skip"``: every record also has ``ok``; one whose image does
+  not decode keeps its place as a blank (``ok=False``, ``example_id=-1``, zeros), so the
+  cached records line up with the files as the uncached ones do.
+  """
   builder, adapter = source.builder, source.adapter
   read_config = tfds.ReadConfig(add_tfds_id=True, try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
@@ -463,8 +558,17 @@ def _read(source: DataSource, split) -> tf.data.Dataset:
 
   ds = ds.map(select)
   if source.config.cache:
-    ds = ds.map(lambda ex: {**ex, "image": _decoded(builder, ex["image"])},
-                num_parallel_calls=_AUTOTUNE).cache()
+    if on_bad_example(source.config) == "skip":
+      ds = ds.enumerate().map(
+          lambda i, ex: (i, {**ex, "image": _decoded(builder, ex["image"]),
+                             "ok": tf.constant(True)}),
+          num_parallel_calls=_AUTOTUNE).ignore_errors()
+      blank = {**_blank(ds.element_spec[1]), "example_id": tf.constant(-1, tf.int64)}
+      ds = _refill(ds, builder.info.splits[split].num_examples, blank)
+    else:
+      ds = ds.map(lambda ex: {**ex, "image": _decoded(builder, ex["image"])},
+                  num_parallel_calls=_AUTOTUNE)
+    ds = ds.cache()
   return ds
 
 
@@ -494,15 +598,24 @@ def _local_split(split, process_index, process_count, drop_remainder=False):
 
 
 def train_dataset(source: DataSource, *, batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1
-                  ) -> Iterator[dict[str, np.ndarray]]:
-  """Endless per-process training batches {image, labels, example_id}, from ``start_step``.
+                  process_index: int = 0, process_count: int = 1) -> Batches:
+  """Endless per-process training batches {image, labels, example_id, skipped}, from
+  ``start_step``.
 
   An epoch is this process's shard shuffled with a seed from (seed, process, epoch), cut to
   whole batches; augmentation is keyed on (that epoch seed, position in epoch).  So batch
   k is the same whatever ``start_step`` was, and resuming costs one pass of the undecoded
   records of the current epoch up to ``start_step`` (plus filling the shuffle buffer).
   (``Dataset.shuffle`` also mixes in TF's global seed; nothing here sets it.)
+
+  ``on_bad_example="skip"``: an epoch is the first ``steps_per_epoch * batch_size``
+  examples of that shuffled shard (read twice over if needed, `_CYCLES`) whose transform
+  succeeds, each still keyed on its position; ``skipped`` (B,) int32 counts the examples
+  dropped just before each row in its epoch's order.  Which examples fail depends only on
+  (seed, epoch, position), so batches (their ``skipped`` included) stay a function of the
+  step; the price is that resuming also decodes and transforms the current epoch's first
+  ``start_step`` batches (uncached; cached datasets know their bad records without that).
+  Without bad examples the batches equal those of "fail".
   """
   if batch_size < 1 or start_step < 0:
     raise ValueError(f"need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}")
@@ -517,23 +630,12 @@ def train_dataset(source: DataSource, *, batch_size: int, seed: int, start_step:
     raise ValueError(f"split {data_config.train_split!r} of {data_config.name!r} has "
                      f"{num_examples} examples on process {process_index}, fewer than one "
                      f"batch of {batch_size}")
+  epoch_size = steps_per_epoch * batch_size
   first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
   examples = _read(source, split)
+  skips = on_bad_example(data_config) == "skip"
   base_key = tf.random.experimental.stateless_fold_in(
       tf.constant([seed, 0], tf.int64), process_index)
-
-  def epoch_examples(epoch):
-    key = tf.random.experimental.stateless_fold_in(base_key, epoch)
-    shuffle_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None,
-                                               dtype=tf.int64)
-    ds = examples.shuffle(data_config.shuffle_buffer, seed=shuffle_seed,
-                          reshuffle_each_iteration=False)
-    ds = ds.take(steps_per_epoch * batch_size).enumerate()
-    ds = ds.skip(tf.where(epoch == first_epoch, tf.constant(skip_steps * batch_size, tf.int64),
-                          tf.constant(0, tf.int64)))
-    return ds.map(lambda position, ex: (tf.random.experimental.stateless_fold_in(
-        key, position), ex))
-
   transform = TRANSFORMS[data_config.transform]
 
   def example(key, ex):
@@ -544,10 +646,47 @@ def train_dataset(source: DataSource, *, batch_size: int, seed: int, start_step:
       out = {"image": transform.train(image, key, data_config)}
     return {**out, "labels": ex["labels"], "example_id": ex["example_id"]}
 
+  def epoch_examples(epoch):
+    key = tf.random.experimental.stateless_fold_in(base_key, epoch)
+    shuffle_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None,
+                                               dtype=tf.int64)
+    ds = examples.shuffle(data_config.shuffle_buffer, seed=shuffle_seed,
+                          reshuffle_each_iteration=False)
+    skip = tf.where(epoch == first_epoch, tf.constant(skip_steps * batch_size, tf.int64),
+                    tf.constant(0, tf.int64))
+
+    def keyed(position, ex):
+      return tf.random.experimental.stateless_fold_in(key, position), ex
+
+    if not skips:
+      return ds.take(epoch_size).enumerate().skip(skip).map(keyed)
+    ds = ds.repeat(_CYCLES).enumerate()
+    if data_config.cache:  # bad records are known: blanks, dropped before any work
+      ds = ds.filter(lambda position, ex: ex["ok"])
+    else:  # the transform (decoding) fails on a bad record
+      ds = ds.map(lambda position, ex: (position, example(*keyed(position, ex))),
+                  num_parallel_calls=_AUTOTUNE).ignore_errors()
+    ds = ds.take(epoch_size).apply(tf.data.experimental.assert_cardinality(epoch_size))
+
+    def count_skipped(previous, item):
+      position, ex = item
+      return position, (position, {**ex, "skipped": tf.cast(position - previous - 1, tf.int32)})
+
+    ds = ds.scan(tf.constant(-1, tf.int64), count_skipped).skip(skip)
+    if data_config.cache:
+      return ds.map(keyed)
+    return ds.map(lambda position, ex: ex)
+
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_examples)
-  ds = ds.map(example, num_parallel_calls=_AUTOTUNE).batch(batch_size, drop_remainder=True)
-  ds = ds.prefetch(data_config.prefetch)
-  return iter(tfds.as_numpy(_options(ds)))
+  if not skips or data_config.cache:
+    ds = ds.map(lambda key, ex: {**example(key, ex),
+                                 "skipped": ex.get("skipped", tf.constant(0, tf.int32))},
+                num_parallel_calls=_AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(data_config.prefetch)
+  return Batches(_options(ds), data_config, data_config.train_split, short_epoch=(
+      f"too few examples decode to fill an epoch of {steps_per_epoch} batches of "
+      f"{batch_size} from process {process_index}'s {num_examples} examples read "
+      f"{_CYCLES} times over; prepare the dataset again"))
 
 
 # --------------------------------------------------------------------------------- eval
@@ -565,36 +704,50 @@ def _eval_tf_dataset(source: DataSource, split: str, batch_size: int, process_in
                      process_count: int) -> tf.data.Dataset:
   data_config, builder = source.config, source.builder
   local = _local_split(split, process_index, process_count)
+  local_size = builder.info.splits[local].num_examples
   size = data_config.image_size
   num_labels = source.meta.num_labels
   eval_image = TRANSFORMS[data_config.transform].eval
-  ds = _read(source, local).map(
-      lambda ex: {**ex, "image": eval_image(_decoded(builder, ex["image"]), data_config),
-                  "valid": tf.constant(True)},
-      num_parallel_calls=_AUTOTUNE)
-  total = num_eval_batches(source, split, batch_size=batch_size,
-                           process_count=process_count) * batch_size
   padding = {"image": tf.zeros((size, size, 3), tf.float32),
              "labels": tf.zeros((num_labels,), tf.int32),
-             "example_id": tf.constant(-1, tf.int64), "valid": tf.constant(False)}
+             "example_id": tf.constant(-1, tf.int64), "valid": tf.constant(False),
+             "skipped": tf.constant(False)}
   if "label_visible" in builder.info.features:
     padding["label_visible"] = tf.zeros((num_labels,), tf.bool)
-  pad_count = total - builder.info.splits[local].num_examples
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad_count))
+
+  def evaluated(ex):
+    ok = ex.pop("ok", tf.constant(True))  # False: a blank for an undecodable cached record
+    return {**ex, "image": eval_image(_decoded(builder, ex["image"]), data_config),
+            "valid": ok, "skipped": tf.logical_not(ok)}
+
+  ds = _read(source, local)
+  if on_bad_example(data_config) == "skip" and not data_config.cache:
+    # An example whose image does not decode keeps its place as a padding row.
+    ds = ds.enumerate().map(lambda i, ex: (i, evaluated(dict(ex))),
+                            num_parallel_calls=_AUTOTUNE).ignore_errors()
+    ds = _refill(ds, local_size, {**padding, "skipped": tf.constant(True)})
+  else:
+    ds = ds.map(lambda ex: evaluated(dict(ex)), num_parallel_calls=_AUTOTUNE)
+  total = num_eval_batches(source, split, batch_size=batch_size,
+                           process_count=process_count) * batch_size
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(total - local_size))
   return _options(ds.batch(batch_size, drop_remainder=True).prefetch(data_config.prefetch))
 
 
 def eval_dataset(source: DataSource, split: str, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over this process's shard: {image, labels, example_id, valid} batches
-  (+ ``label_visible`` when the dataset has it).
+                 process_count: int = 1) -> Batches:
+  """One pass over this process's shard: {image, labels, example_id, valid, skipped}
+  batches (+ ``label_visible`` when the dataset has it).
 
   Padding rows have ``valid=False``, ``example_id=-1`` and zero images/labels; every
-  process yields exactly ``num_eval_batches(...)`` batches.
+  process yields exactly ``num_eval_batches(...)`` batches.  With
+  ``on_bad_example="skip"`` an example whose image does not decode becomes such a row in
+  its place, with ``skipped=True`` (elsewhere False), so the shards still cover the split
+  in lockstep and metrics count only the examples that decode.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   key = (split, batch_size, process_index, process_count)
   if key not in source.eval_cache:
     source.eval_cache[key] = _eval_tf_dataset(source, *key)
-  return iter(tfds.as_numpy(source.eval_cache[key]))
+  return Batches(source.eval_cache[key], source.config, split)
