@@ -214,6 +214,46 @@ def test_duplicate_filename_names_both_lines(tmp_path):
   assert "labels.csv:3" in message and "'a.jpg'" in message and "line 1" in message
 
 
+def test_every_problem_of_the_labels_file_in_one_error(tmp_path):
+  manual = make_folder(tmp_path / "m", {"a.jpg": jpeg(1), "b.jpg": jpeg(2), "d.jpg": jpeg(4)}, {
+      "labels.csv": "filename,labels,split\n"
+                    "a.jpg,cat,train\n"
+                    "b.jpg,cat;kat,train\n"   # 3: unknown label
+                    "c.jpg,dog\n"             # 4: one field short
+                    "a.jpg,dog,train\n"       # 5: duplicate filename
+                    "d.jpg,dog,all\n"         # 6: not a split name
+                    "../e.jpg,cat,test\n"     # 7: outside the images folder
+                    "f.jpg,cat,test\n",       # 8: no such image
+      "label_names.txt": "cat\ndog\ncat\n"})  # 3: listed twice
+  message = builder_error(manual, tmp_path)
+  labels, names = os.path.join(manual, "labels.csv"), os.path.join(manual, "label_names.txt")
+  header = f"7 problems in the labels file {labels} and the label list {names}:"
+  assert f"{header}\n" in message  # TFDS may put its own words before it
+  expected = [f"{labels}:3: unknown label 'kat'", f"{labels}:4: expected 3 fields",
+              f"{labels}:5: duplicate filename 'a.jpg' (first at line 2)",
+              f"{labels}:6: split 'all' is not a split name",
+              f"{labels}:7: filename '../e.jpg' must be relative",
+              f"{labels}:8: f.jpg: no such image in {manual}",
+              f"{names}:3: label 'cat' listed twice (first at line 1)"]
+  for problem in expected:
+    assert f"\n  {problem}" in message, problem
+  lines = message.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.endswith(header))
+  assert [line.split(": ")[0] for line in lines[start + 1:start + 8]] == [
+      f"  {labels}:{n}" for n in range(3, 9)] + [f"  {names}:3"]
+
+
+def test_a_long_list_of_problems_is_cut(tmp_path):
+  path = tmp_path / "labels.jsonl"
+  path.write_text("".join(f'{{"filename": "{i}.jpg", "labels": "x"}}\n' for i in range(60)))
+  with pytest.raises(ValueError) as e:
+    folder.read_rows(str(path))
+  message = str(e.value)
+  assert message.startswith(f"60 problems in the labels file {path}:")
+  assert f"{path}:50: 'labels'" in message and f"{path}:51:" not in message
+  assert "\n  ... and 10 more\n" in message
+
+
 def test_missing_image_names_file_and_line(tmp_path):
   manual = make_folder(tmp_path / "m", {"images/a.jpg": jpeg(1)},
                        {"labels.csv": "a.jpg,cat\nnope.jpg,dog\n"})

@@ -73,3 +73,17 @@ def test_prepares_a_folder_dataset_with_builder_options(tmp_path, capsys):
   out = capsys.readouterr().out
   assert status == 0, out
   assert "ctran_folder: 3 labels; splits: test 2, train 4" in out
+
+
+def test_folder_labels_problems_are_all_printed(tmp_path, capsys):
+  manual = tmp_path / "mine"
+  manual.mkdir()
+  (manual / "labels.csv").write_text("a.jpg,cat,train\nb.jpg,dog\na.jpg,cat,test\n")
+  status = prepare.main(["folder", "--manual_dir", str(manual), "--data_dir", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert status == 2 and "Traceback" not in err
+  labels = manual / "labels.csv"
+  assert f"3 problems in the labels file {labels}:" in err
+  for line in (f"{labels}:1: a.jpg: no such image", f"{labels}:2: expected 3 fields",
+               f"{labels}:3: duplicate filename 'a.jpg'"):
+    assert line in err, line

@@ -21,6 +21,12 @@ Source files (the *manual dir*, ``M``):
   skipped) and makes any other name in the labels file an error.  Without it the labels are
   the sorted set of all names in the labels file.
 
+Problems of the labels file and label list (malformed lines, bad filenames or split names,
+duplicate filenames, unknown or twice-listed labels) are all collected and raised as one
+ValueError that lists each as ``file:line: reason`` (the first 50, then a count; a single
+problem is raised as it is).  Images missing from the images root join that list when the
+labels file has other problems; otherwise preparing names them all (FileNotFoundError).
+
 Labels: ``labels`` is the multi-hot uint8 (L,) vector of the row's names.  The dataset's
 ``info.metadata`` holds ``label_names`` and what preparation counted: ``num_images``,
 ``label_counts`` (positives per label), ``images_without_labels``, ``skipped_images`` and
@@ -89,7 +95,8 @@ IMAGES_SUBDIR = "images"
 ON_BAD_IMAGE = ("fail", "skip")
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _KEPT_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: stored as they are
-_MAX_LISTED = 10  # problems named in one error message
+_MAX_LISTED = 50  # problems named in one error message
+_PLACE = re.compile(r"(.*?):(\d+): ")  # "file:line: " that starts a problem
 
 PREPARE_OPTIONS = {
     "manual_dir": "folder with the images and the labels file",
@@ -195,7 +202,7 @@ def _clean_split(raw, where: str) -> str:
   return split
 
 
-def _read_csv(path: str) -> list[Row]:
+def _read_csv(path: str, problems: list[str]) -> list[Row]:
   rows, columns = [], None
   with open(path, encoding="utf-8-sig", newline="") as f:
     reader = csv.reader(f)
@@ -207,26 +214,32 @@ def _read_csv(path: str) -> list[Row]:
         columns = [field.strip().lower() for field in fields]
         unknown = set(columns) - {"filename", "labels", "split"}
         if unknown or "labels" not in columns or len(set(columns)) != len(columns):
-          raise ValueError(f"{where}: header {fields} must name the columns filename, labels "
-                           "and optionally split, each once")
+          problems.append(f"{where}: header {fields} must name the columns filename, labels "
+                          "and optionally split, each once (the rows were not read)")
+          return rows
         continue
-      if columns is None:  # no header: the first row fixes the column count
+      if columns is None:  # no header: the first well-formed row fixes the column count
         if len(fields) not in (2, 3):
-          raise ValueError(f"{where}: expected 'filename,labels' or 'filename,labels,split', "
-                           f"got {len(fields)} field(s): {fields}")
+          problems.append(f"{where}: expected 'filename,labels' or 'filename,labels,split', "
+                          f"got {len(fields)} field(s): {fields}")
+          continue
         columns = ["filename", "labels", "split"][:len(fields)]
       if len(fields) != len(columns):
-        raise ValueError(f"{where}: expected {len(columns)} fields ({','.join(columns)}), got "
-                         f"{len(fields)}: {fields} (quote fields that contain commas)")
+        problems.append(f"{where}: expected {len(columns)} fields ({','.join(columns)}), got "
+                        f"{len(fields)}: {fields} (quote fields that contain commas)")
+        continue
       record = dict(zip(columns, fields, strict=True))
       labels = tuple(n.strip() for n in record["labels"].split(";") if n.strip())
-      split = _clean_split(record["split"], where) if "split" in record else None
-      rows.append(Row(_clean_filename(record["filename"], where), labels, split,
-                      reader.line_num))
+      try:
+        split = _clean_split(record["split"], where) if "split" in record else None
+        rows.append(Row(_clean_filename(record["filename"], where), labels, split,
+                        reader.line_num))
+      except ValueError as e:
+        problems.append(str(e))
   return rows
 
 
-def _read_jsonl(path: str) -> list[Row]:
+def _read_jsonl(path: str, problems: list[str]) -> list[Row]:
   rows = []
   with open(path, encoding="utf-8-sig") as f:
     for number, line in enumerate(f, start=1):
@@ -236,42 +249,80 @@ def _read_jsonl(path: str) -> list[Row]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one object "
-                         'such as {"filename": "a.jpg", "labels": ["cat"]}') from None
+        problems.append(f"{where}: not valid JSON ({e.msg}); each line must be one object "
+                        'such as {"filename": "a.jpg", "labels": ["cat"]}')
+        continue
       if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
+        continue
       labels = record.get("labels")
       if not isinstance(labels, list) or not all(isinstance(n, str) for n in labels):
-        raise ValueError(f"{where}: 'labels' must be a list of label names, got {labels!r}")
-      split = _clean_split(record["split"], where) if "split" in record else None
-      rows.append(Row(_clean_filename(record.get("filename"), where),
-                      tuple(n.strip() for n in labels if n.strip()), split, number))
+        problems.append(f"{where}: 'labels' must be a list of label names, got {labels!r}")
+        continue
+      try:
+        split = _clean_split(record["split"], where) if "split" in record else None
+        rows.append(Row(_clean_filename(record.get("filename"), where),
+                        tuple(n.strip() for n in labels if n.strip()), split, number))
+      except ValueError as e:
+        problems.append(str(e))
   return rows
+
+
+def _parse_rows(path: str, problems: list[str]) -> list[Row]:
+  """The well-formed rows of a labels file; every problem found is added to ``problems``."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"labels file {path} does not exist")
+  read = _read_jsonl if path.lower().endswith((".jsonl", ".json")) else _read_csv
+  rows = read(path, problems)
+  if not rows and not problems:
+    problems.append(f"{path} lists no images; expected one 'filename,labels' row per image")
+  first_line: dict[str, int] = {}
+  unique = []
+  for row in rows:
+    if row.filename in first_line:
+      problems.append(f"{path}:{row.line}: duplicate filename {row.filename!r} (first at line "
+                      f"{first_line[row.filename]}); list each image once")
+      continue
+    first_line[row.filename] = row.line
+    unique.append(row)
+  with_split = [row for row in unique if row.split is not None]
+  if with_split and len(with_split) != len(unique):
+    problems.extend(f"{path}:{row.line}: no split, while line {with_split[0].line} has one; "
+                    "give every row a split or none" for row in unique if row.split is None)
+  return unique
+
+
+def _raise_problems(problems: list[str], what: str) -> None:
+  """One ValueError for all the ``problems`` of ``what`` (a single one: as it is), by file
+  and line."""
+  if len(problems) == 1:
+    raise ValueError(problems[0])
+  if problems:
+    files: dict[str, int] = {}  # in the order first named
+
+    def place(problem):
+      match = _PLACE.match(problem)
+      return (files.setdefault(match[1], len(files)), int(match[2])) if match else (-1, 0)
+
+    places = [place(problem) for problem in problems]
+    ordered = [problem for _, problem in sorted(zip(places, problems, strict=True),
+                                                key=lambda pair: pair[0])]
+    raise ValueError(f"{len(problems)} problems in {what}:\n  {_listed(ordered)}\nFix them "
+                     "all, then prepare again.")
 
 
 def read_rows(path: str) -> list[Row]:
-  """Rows of a CSV or JSON-lines labels file, checked line by line (see module doc)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"labels file {path} does not exist")
-  rows = _read_jsonl(path) if path.lower().endswith((".jsonl", ".json")) else _read_csv(path)
-  if not rows:
-    raise ValueError(f"{path} lists no images; expected one 'filename,labels' row per image")
-  first_line: dict[str, int] = {}
-  for row in rows:
-    if row.filename in first_line:
-      raise ValueError(f"{path}:{row.line}: duplicate filename {row.filename!r} (first at line "
-                       f"{first_line[row.filename]}); list each image once")
-    first_line[row.filename] = row.line
-  with_split = [row for row in rows if row.split is not None]
-  if with_split and len(with_split) != len(rows):
-    missing = next(row for row in rows if row.split is None)
-    raise ValueError(f"{path}:{missing.line}: no split, while line {with_split[0].line} has "
-                     "one; give every row a split or none")
+  """Rows of a CSV or JSON-lines labels file, checked line by line (see module doc).
+
+  Raises one ValueError that lists every problem found (file:line: reason).
+  """
+  problems: list[str] = []
+  rows = _parse_rows(path, problems)
+  _raise_problems(problems, f"the labels file {path}")
   return rows
 
 
-def read_label_list(path: str) -> tuple[str, ...]:
-  """Label names, one per line (blank lines skipped); duplicates are an error."""
+def _parse_label_list(path: str, problems: list[str]) -> tuple[str, ...]:
   names: dict[str, int] = {}
   with open(path, encoding="utf-8-sig") as f:
     for number, line in enumerate(f, start=1):
@@ -279,12 +330,21 @@ def read_label_list(path: str) -> tuple[str, ...]:
       if not name:
         continue
       if name in names:
-        raise ValueError(f"{path}:{number}: label {name!r} listed twice (first at line "
-                         f"{names[name]})")
+        problems.append(f"{path}:{number}: label {name!r} listed twice (first at line "
+                        f"{names[name]})")
+        continue
       names[name] = number
   if not names:
-    raise ValueError(f"label list {path} is empty; put one label name per line")
+    problems.append(f"label list {path} is empty; put one label name per line")
   return tuple(names)
+
+
+def read_label_list(path: str) -> tuple[str, ...]:
+  """Label names, one per line (blank lines skipped); duplicates are an error."""
+  problems: list[str] = []
+  names = _parse_label_list(path, problems)
+  _raise_problems(problems, f"the label list {path}")
+  return names
 
 
 def hash_split(filename: str, validation_fraction: float, test_fraction: float) -> str:
@@ -311,29 +371,38 @@ def read_source(manual_dir: str, options: FolderOptions) -> Source:
   if missing:
     raise FileNotFoundError(f"ctran_folder: missing in {manual_dir}:\n  " + "\n  ".join(missing))
   path = labels_path(manual_dir, options.labels_file)
-  rows = read_rows(path)
+  problems: list[str] = []  # all of them, then one error
+  rows = _parse_rows(path, problems)
   list_path = (_resolve(manual_dir, options.label_list) if options.label_list else
                os.path.join(manual_dir, LABEL_LIST_FILE))
   list_path = list_path if os.path.isfile(list_path) else None
   if list_path:
-    names = read_label_list(list_path)
+    names = _parse_label_list(list_path, problems)
     known = set(names)
     for row in rows:
       unknown = [n for n in row.labels if n not in known]
       if unknown:
-        raise ValueError(f"{path}:{row.line}: unknown label {unknown[0]!r} (not in the label "
-                         f"list {list_path}); add it there or fix the row")
+        problems.append(f"{path}:{row.line}: unknown label {unknown[0]!r} (not in the label "
+                        f"list {list_path}); add it there or fix the row"
+                        + (f" (also unknown: {', '.join(map(repr, unknown[1:]))})"
+                           if len(unknown) > 1 else ""))
   else:
     names = tuple(sorted({n for row in rows for n in row.labels}))
-    if not names:
-      raise ValueError(f"{path}: no row has a label; expected 'name1;name2' in the labels "
-                       "column")
+    if rows and not names:
+      problems.append(f"{path}: no row has a label; expected 'name1;name2' in the labels "
+                      "column")
   if options.images_dir:
     images_root = _resolve(manual_dir, options.images_dir)
   elif os.path.isdir(os.path.join(manual_dir, IMAGES_SUBDIR)):
     images_root = os.path.join(manual_dir, IMAGES_SUBDIR)
   else:
     images_root = manual_dir
+  if problems:  # failing anyway: name the missing images too (else checked when preparing)
+    problems.extend(f"{path}:{row.line}: {row.filename}: no such image in {images_root}"
+                    for row in rows
+                    if not os.path.isfile(os.path.join(images_root, row.filename)))
+  _raise_problems(problems, f"the labels file {path}"
+                  + (f" and the label list {list_path}" if list_path else ""))
   recorded = {
       "labels_file": os.path.relpath(path, manual_dir),
       "label_list": list_path and os.path.relpath(list_path, manual_dir),
