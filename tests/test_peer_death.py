@@ -256,3 +256,24 @@ def test_survivor_exits_when_the_coordinator_is_killed(tmp_path, demo_data_dir):
   assert statuses[0] == -signal.SIGKILL
   assert statuses[1] in (watchdog.PEER_LOST_STATUS, -signal.SIGABRT), outputs[1][-3000:]
   assert ended[1] - ended[0] < 15
+
+
+@pytest.mark.slow
+def test_local_sh_ends_the_job_when_a_trainer_dies(tmp_path, demo_data_dir):
+  """launch/local.sh with the real trainer: process 1 dies at its 4th batch; local.sh exits
+  with its status (137) soon after, naming it, and process 0 is gone."""
+  config = write_config_file(tmp_path / "config.py", demo_data_dir,
+                             {"mesh.fsdp": 2, **FAULT_OVERRIDES})
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  env.update(PYTHONPATH=REPO, XLA_FLAGS="--xla_backend_optimization_level=0")
+  result = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "local.sh"), "-n", "2", "--cpu-devices=2",
+       f"--log-dir={tmp_path / 'logs'}", "--kill-after=5", "--",
+       sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"),
+       f"--config={config}", f"--workdir={tmp_path / 'w'}", f"--results={tmp_path / 'r'}",
+       "--die_at_batch=4", f"--heartbeat_timeout={HEARTBEAT_S}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+  assert result.returncode == 137, result.stderr[-3000:]
+  assert "local.sh: process 1 failed first, status 137: killed by SIGKILL" in result.stderr
+  assert result.stderr.splitlines()[-1].startswith(
+      "local.sh: job failed: process 1 failed first (status 137: killed by SIGKILL)")
