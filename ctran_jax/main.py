@@ -23,7 +23,8 @@ environment; anywhere else pass it::
 The workdir must be shared storage (NFS, gs://): every process takes part in saving
 checkpoints. Process 0 logs at INFO and alone writes TensorBoard and the eval reports;
 the other processes log warnings and errors only. A single process never initialises the
-distributed runtime.
+distributed runtime. When a process dies or hangs, the others exit non-zero within
+``--heartbeat_timeout`` or ``--step_timeout`` (`ctran_jax.watchdog`, launch/README.md).
 """
 
 from __future__ import annotations
