@@ -23,7 +23,8 @@ environment; anywhere else pass it::
 The workdir must be shared storage (NFS, gs://): every process takes part in saving
 checkpoints. Process 0 logs at INFO and alone writes TensorBoard and the eval reports;
 the other processes log warnings and errors only. A single process never initialises the
-distributed runtime.
+distributed runtime. When a process dies or hangs, the others exit non-zero within
+``--heartbeat_timeout`` or ``--step_timeout`` (`ctran_jax.watchdog`, launch/README.md).
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Multi-proce
                                      "seconds to wait for every process to connect; then "
                                      "jax aborts the process (DEADLINE_EXCEEDED).",
                                      lower_bound=1)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 60, "Multi-process run: seconds without a heartbeat after which "
+    "jax's coordination service declares a process dead and terminates all the others "
+    "(jax's own default: 100).", lower_bound=1)
+_STEP_TIMEOUT = flags.DEFINE_integer(
+    "step_timeout", 600, "Multi-process run: exit (status 75) when no batch reached the "
+    "devices (training or evaluation) for this many seconds, e.g. a process stuck in a "
+    "collective with a hung peer; counted from the first batch. 0 = off.", lower_bound=0)
 flags.mark_flags_as_required(["config"])
 USAGE = """Usage: python -m ctran_jax.main --config=configs/default.py --workdir=DIR [flags]
 
@@ -115,7 +124,8 @@ def detect_cluster(environ=os.environ) -> str | None:
 
 def distributed_arguments(*, coordinator_address: str | None, num_processes: int | None,
                           process_id: int | None, local_device_ids: list[str] | None,
-                          timeout: int, environ=os.environ) -> tuple[dict, str] | None:
+                          timeout: int, heartbeat_timeout: int = 60,
+                          environ=os.environ) -> tuple[dict, str] | None:
   """(`jax.distributed.initialize` keyword arguments, how detected), or None: one process.
 
   Explicit flags win over detection; without a detected cluster all three of
@@ -137,7 +147,8 @@ def distributed_arguments(*, coordinator_address: str | None, num_processes: int
                      "on Cloud TPU they are detected")
   if num_processes is not None and process_id is not None and process_id >= num_processes:
     raise ValueError(f"--process_id={process_id} must be below --num_processes={num_processes}")
-  kwargs = {**explicit, "initialization_timeout": timeout}
+  kwargs = {**explicit, "initialization_timeout": timeout,
+            "heartbeat_timeout_seconds": heartbeat_timeout}
   if local_device_ids:
     try:
       kwargs["local_device_ids"] = [int(i) for i in local_device_ids]
@@ -147,8 +158,14 @@ def distributed_arguments(*, coordinator_address: str | None, num_processes: int
   return kwargs, ("flags" if cluster is None else cluster)
 
 
-def initialize_distributed(**flag_values) -> str | None:
-  """Join the other processes (before any other JAX call); a description, or None."""
+def initialize_distributed(*, step_timeout: float = 0, show_traceback: bool = False,
+                           **flag_values) -> str | None:
+  """Join the other processes (before any other JAX call); a description, or None.
+
+  Then a lost process ends this one within a bounded time (`ctran_jax.watchdog`): jax's
+  heartbeats, a one-line exit when a collective fails, and the step watchdog when
+  ``step_timeout`` > 0.
+  """
   arguments = distributed_arguments(**flag_values)
   if arguments is None:
     return None
@@ -162,6 +179,10 @@ def initialize_distributed(**flag_values) -> str | None:
     raise DistributedError(f"could not join {where} within {kwargs['initialization_timeout']} "
                            f"s as process {kwargs.get('process_id', '?')}: check the address, "
                            f"that all processes were started, and the port: {e}") from e
+  from ctran_jax import watchdog
+
+  watchdog.install(process_index=jax.process_index(), step_timeout=step_timeout,
+                   show_traceback=show_traceback)
   return (f"process {jax.process_index()} of {jax.process_count()} ({how}); "
           f"{jax.local_device_count()} local / {jax.device_count()} devices")
 
@@ -222,7 +243,8 @@ def main(argv):
     joined = initialize_distributed(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value, local_device_ids=_LOCAL_DEVICE_IDS.value,
-        timeout=_INIT_TIMEOUT.value)
+        timeout=_INIT_TIMEOUT.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+        step_timeout=_STEP_TIMEOUT.value, show_traceback=_TRACEBACK.value)
   except (ValueError, DistributedError) as e:
     _exit_with_error(e, "")
   where, chief = "", True

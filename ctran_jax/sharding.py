@@ -32,6 +32,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ctran_jax import watchdog
+
 DATA = "data"
 FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)
@@ -100,7 +102,12 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, key: str = "batch_size"
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host-local numpy rows -> global arrays with rows split over all devices."""
+  """Host-local numpy rows -> global arrays with rows split over all devices.
+
+  Every training and evaluation batch passes here: it is the progress the step watchdog
+  (``--step_timeout``) waits for.
+  """
+  watchdog.pet()
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 

@@ -43,8 +43,10 @@ Options:
 
 Process i writes WORKDIR/logs/process_<i>.log; process 0 also prints to the terminal.
 Ctrl-C or SIGTERM is passed on to every process as SIGTERM (a second one sends SIGKILL).
-When a process fails the others are stopped. Exit status: that of the first process to
-fail, 0 when all succeed, 130/143 when interrupted and every process still exited 0.
+When a process fails (exits non-zero or is killed) the others get SIGTERM, and SIGKILL
+--kill-after seconds later; the last line names the process that failed first. Exit
+status: that of the first process to fail, 0 when all succeed, 130/143 when interrupted
+and every process still exited 0.
 Environment: PYTHON (default python) runs the default command.
 
 Examples:
@@ -170,6 +172,7 @@ alive=()
 stop_at=""         # SECONDS after which what still runs gets SIGKILL
 interrupted=""     # the signal that stopped us, if any
 first_status=0
+statuses=()
 
 signal_children() {  # signal_children SIGNAL: send SIGNAL to every live process
   local i
@@ -224,33 +227,84 @@ done
 echo "local.sh: $num_processes processes (pids ${pids[*]}), coordinator 127.0.0.1:$port," \
   "logs in $log_dir/process_<i>.log" >&2
 
+# What an exit status says, for the messages. 75 and 76 are ctran_jax.main's statuses for
+# a stalled step and a lost peer; 134 (SIGABRT) is how jax ends a process whose peer died.
+describe_status() {
+  local status=$1 name
+  case $status in
+    75) echo "status 75: no training step within --step_timeout" ;;
+    76) echo "status 76: lost a peer process" ;;
+    134) echo "status 134: aborted (SIGABRT; jax aborts a process whose peer died)" ;;
+    *)
+      if ((status > 128)) && name=$(kill -l "$((status - 128))" 2>/dev/null); then
+        echo "status $status: killed by SIG$name"
+      else
+        echo "status $status"
+      fi
+      ;;
+  esac
+}
+
+# A process that exited because another one died is not the cause: when several are seen
+# exited in the same poll, those (75, 76, 134) are ranked after the others.
+is_consequence() { [[ $1 == 75 || $1 == 76 || $1 == 134 ]]; }
+
+first_failed=""
 running=$num_processes
 while ((running > 0)); do
+  exited=()
   for ((i = 0; i < num_processes; i++)); do
     if ((alive[i])) && ! kill -0 "${pids[i]}" 2>/dev/null; then
       status=0
       wait "${pids[i]}" || status=$?
       alive[i]=0
       running=$((running - 1))
-      if ((status != 0)); then
-        echo "local.sh: process $i exited with status $status (log: $log_dir/process_$i.log)" >&2
-        if ((first_status == 0)); then
-          first_status=$status
-          stop_children "process $i failed"
-        fi
-      fi
+      statuses[i]=$status
+      exited+=("$i")
     fi
   done
+  for pass in cause consequence; do  # see is_consequence
+    for i in "${exited[@]}"; do
+      status=${statuses[i]}
+      if ((status == 0)) || { [[ $pass == cause ]] && is_consequence "$status"; } ||
+        { [[ $pass == consequence ]] && ! is_consequence "$status"; }; then
+        continue
+      fi
+      if [[ -n $first_failed ]]; then
+        echo "local.sh: process $i exited, $(describe_status "$status")" >&2
+        continue
+      fi
+      first_failed=$i
+      first_status=$status
+      if [[ -n $interrupted ]]; then  # stopped by us: not a failure to report
+        echo "local.sh: process $i exited, $(describe_status "$status")" >&2
+        continue
+      fi
+      echo "local.sh: process $i failed first, $(describe_status "$status")" \
+        "(log: $log_dir/process_$i.log)" >&2
+      stop_children "process $i failed"
+    done
+  done
   if [[ -n $stop_at ]] && ((running > 0 && SECONDS >= stop_at)); then
-    echo "local.sh: still running ${kill_after}s after SIGTERM: sending SIGKILL" >&2
+    still=()
+    for ((i = 0; i < num_processes; i++)); do
+      ((alive[i] == 0)) || still+=("$i")
+    done
+    echo "local.sh: still running ${kill_after}s after SIGTERM: sending SIGKILL to" \
+      "process ${still[*]}" >&2
     signal_children KILL
     stop_at=$((SECONDS + 3600))
   fi
-  ((running == 0)) || sleep 0.2
+  ((running == 0)) || sleep 0.1
 done
 pids=()
 wait || true  # lets tee flush process 0's last lines
 
+if [[ -n $first_failed && -z $interrupted ]]; then
+  echo "local.sh: job failed: process $first_failed failed first" \
+    "($(describe_status "$first_status")); exit status $first_status;" \
+    "its log: $log_dir/process_$first_failed.log" >&2
+fi
 if ((first_status != 0)); then
   exit "$first_status"
 fi

@@ -12,6 +12,10 @@ mesh and partition specs of the final train state.
 With ``--save_both=N`` it instead joins the other processes as main does and saves a small
 FSDP-sharded state to the latest and the best checkpoints (asynchronously) at each of N
 steps: the two managers' saves overlap, which once made their barriers collide.
+
+Faults for tests/test_peer_death.py, in process ``--fault_process`` only: ``--die_at_batch=N``
+SIGKILLs it when its N-th batch (training or evaluation, counted from 1) is about to go to
+the devices, ``--hang_at_batch=N`` makes it sleep there instead (its heartbeats go on).
 """
 
 from __future__ import annotations
@@ -27,7 +31,35 @@ _THEN_EVAL = flags.DEFINE_string("then_eval", None, "A workdir whose latest chec
                                  "evaluate after the main run.")
 _SAVE_BOTH = flags.DEFINE_integer("save_both", 0, "Only save latest + best checkpoints at "
                                   "this many steps into --workdir.")
+_FAULT_PROCESS = flags.DEFINE_integer("fault_process", 1, "The process that --die_at_batch "
+                                     "or --hang_at_batch applies to.")
+_DIE_AT = flags.DEFINE_integer("die_at_batch", 0, "SIGKILL the fault process at its N-th batch.")
+_HANG_AT = flags.DEFINE_integer("hang_at_batch", 0, "Sleep (10 minutes) in the fault process "
+                                "at its N-th batch.")
 flags.mark_flag_as_required("results")
+
+
+def inject_fault(die_at: int, hang_at: int) -> None:
+  """Wrap `sharding.global_batch` (every batch passes there) to die or hang at a batch."""
+  import os
+  import signal
+  import time
+
+  from ctran_jax import sharding
+
+  original, calls = sharding.global_batch, [0]
+
+  def global_batch(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == die_at:
+      print(f"FAULT: process {_FAULT_PROCESS.value} dies at batch {die_at}", flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    if calls[0] == hang_at:
+      print(f"FAULT: process {_FAULT_PROCESS.value} hangs at batch {hang_at}", flush=True)
+      time.sleep(600)
+    return original(*args, **kwargs)
+
+  sharding.global_batch = global_batch
 
 
 def save_both(num_steps: int) -> dict:
@@ -54,6 +86,8 @@ def save_both(num_steps: int) -> dict:
 def run(argv):
   import jax
 
+  if (_DIE_AT.value or _HANG_AT.value) and main._PROCESS_ID.value == _FAULT_PROCESS.value:
+    inject_fault(_DIE_AT.value, _HANG_AT.value)
   if _SAVE_BOTH.value:
     record = save_both(_SAVE_BOTH.value)
   else:

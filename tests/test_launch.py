@@ -351,6 +351,30 @@ def test_slurm_job_script_runs_srun(stubs, venv, tmp_path):
                        "--config=configs/default.py", f"--workdir={workdir}"]
 
 
+def test_slurm_job_names_the_first_failed_task(stubs, venv, tmp_path):
+  """srun with --kill-on-bad-exit ends the step when a task fails; the job script's last
+  line names the task srun reported first and exits with srun's status."""
+  env, _ = stubs
+  failing = tmp_path / "bin" / "srun"
+  failing.write_text(textwrap.dedent("""\
+      #!/usr/bin/env bash
+      echo "srun: error: node2: task 3: Killed" >&2
+      echo "srun: Job step aborted: Waiting up to 32 seconds for job step to finish." >&2
+      echo "srun: error: node1: tasks 0-1: Terminated" >&2
+      exit 137
+      """))
+  env.update(SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="2",
+             SLURM_SUBMIT_DIR=str(REPO))
+  workdir = tmp_path / "run"
+  result = bash("slurm.sbatch", "--config=configs/default.py", f"--workdir={workdir}",
+                f"--venv={venv}", env=env)
+  assert result.returncode == 137
+  err = result.stderr.splitlines()
+  assert err[0] == "srun: error: node2: task 3: Killed"  # srun's messages are still shown
+  assert err[-1] == ("slurm.sbatch: job failed: task 3 failed first (node2: task 3: Killed); "
+                     f"srun exit status 137; its log: {workdir}/logs/slurm-77/task_3.log")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workdir=/w"], "--config (or CTRAN_CONFIG) is required"),
     (["--config=configs/coco.py"], "--workdir (or CTRAN_WORKDIR) is required"),
@@ -455,8 +479,64 @@ def test_local_exit_status_is_first_failure(tmp_path):
   result = bash("local.sh", "-n", "2", f"--log-dir={tmp_path}", "--", PY, "-c", PROBE, env=env)
   assert result.returncode == 3, result.stderr
   assert time.time() - start < 20  # process 0 was stopped, not waited for
-  assert "process 1 exited with status 3" in result.stderr
+  assert "local.sh: process 1 failed first, status 3 " in result.stderr
+  assert result.stderr.splitlines()[-1] == (
+      f"local.sh: job failed: process 1 failed first (status 3); exit status 3; its log: "
+      f"{tmp_path}/process_1.log")
   assert _gone(_probe_output((tmp_path / "process_0.log").read_text())["pid"])
+
+
+# Stands in for processes of a job that loses one: ROLE_<i> = "die" (SIGKILLs itself after
+# DIE_AFTER s, leaving a file behind), "follow" (exits 76, ctran_jax's lost-peer status, as
+# soon as that file appears) or "stuck" (sleeps, as in a collective); both of the last two
+# ignore SIGTERM, as a JAX process does (its preemption notifier takes the signal).
+PEER_PROBE = textwrap.dedent("""\
+    import json, os, signal, sys, time
+    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    i = int(flags["process_id"])
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    role, died = os.environ[f"ROLE_{i}"], os.environ["DIED_FILE"]
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if role == "die":
+      time.sleep(float(os.environ.get("DIE_AFTER", "0.5")))
+      open(died, "w").close()
+      os.kill(os.getpid(), signal.SIGKILL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (role == "follow" and os.path.exists(died)):
+      time.sleep(0.005)
+    sys.exit(76)
+    """)
+
+
+def test_local_stops_a_survivor_that_ignores_sigterm(tmp_path):
+  """Process 1 is killed; process 0 ignores SIGTERM: SIGKILL after --kill-after, and the
+  exit status and the last line name process 1."""
+  env = _env(ROLE_0="stuck", ROLE_1="die", DIED_FILE=str(tmp_path / "died"))
+  start = time.time()
+  result = bash("local.sh", "-n", "2", "--kill-after=2", f"--log-dir={tmp_path}", "--",
+                PY, "-c", PEER_PROBE, env=env)
+  elapsed = time.time() - start
+  assert result.returncode == 128 + signal.SIGKILL, result.stderr
+  assert elapsed < 12, elapsed  # 0.5 s to the kill + 2 s of grace, with a margin for load
+  err = result.stderr.splitlines()
+  assert "local.sh: process 1 failed first, status 137: killed by SIGKILL (log: " \
+      f"{tmp_path}/process_1.log)" in err
+  assert "local.sh: still running 2s after SIGTERM: sending SIGKILL to process 0" in err
+  assert err[-1] == ("local.sh: job failed: process 1 failed first (status 137: killed by "
+                     f"SIGKILL); exit status 137; its log: {tmp_path}/process_1.log")
+  assert _gone(_probe_output((tmp_path / "process_0.log").read_text())["pid"])
+
+
+def test_local_names_the_cause_not_the_consequence(tmp_path):
+  """Process 0 exits 76 (lost a peer) right after process 1 died, often before local.sh
+  looks: process 1 is still the one that failed first."""
+  env = _env(ROLE_0="follow", ROLE_1="die", DIED_FILE=str(tmp_path / "died"))
+  result = bash("local.sh", "-n", "2", f"--log-dir={tmp_path}", "--", PY, "-c", PEER_PROBE,
+                env=env)
+  assert result.returncode == 137, result.stderr
+  assert "local.sh: process 0 exited, status 76: lost a peer process" in result.stderr
+  assert result.stderr.splitlines()[-1].startswith(
+      "local.sh: job failed: process 1 failed first (status 137: killed by SIGKILL)")
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 143), (signal.SIGTERM, 143)])

@@ -255,7 +255,7 @@ NO_TPU = {"TPU_SKIP_MDS_QUERY": "1"}
 
 def arguments(environ=NO_TPU, **flags):
   values = {"coordinator_address": None, "num_processes": None, "process_id": None,
-            "local_device_ids": None, "timeout": 300, **flags}
+            "local_device_ids": None, "timeout": 300, "heartbeat_timeout": 60, **flags}
   return main.distributed_arguments(environ=environ, **values)
 
 
@@ -271,21 +271,23 @@ def test_single_process_does_not_initialise():
 def test_clusters_are_detected_and_flags_win():
   slurm = {**NO_TPU, "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-4]",
            "SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
-  assert arguments(slurm) == ({"initialization_timeout": 300}, "SLURM")
+  timeouts = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60}
+  assert arguments(slurm) == (timeouts, "SLURM")
   assert arguments(slurm, local_device_ids=["0", "1"]) == (
-      {"initialization_timeout": 300, "local_device_ids": [0, 1]}, "SLURM")
+      {**timeouts, "local_device_ids": [0, 1]}, "SLURM")
   ompi = {**NO_TPU, "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1",
           "OMPI_COMM_WORLD_SIZE": "8"}
-  assert arguments(ompi, num_processes=8) == (
-      {"num_processes": 8, "initialization_timeout": 300}, "Open MPI")
-  explicit = arguments(coordinator_address="h:1", num_processes=2, process_id=1, timeout=9)
+  assert arguments(ompi, num_processes=8) == ({"num_processes": 8, **timeouts}, "Open MPI")
+  explicit = arguments(coordinator_address="h:1", num_processes=2, process_id=1, timeout=9,
+                       heartbeat_timeout=20)
   assert explicit == ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 1,
-                       "initialization_timeout": 9}, "flags")
+                       "initialization_timeout": 9, "heartbeat_timeout_seconds": 20}, "flags")
 
 
 def test_cloud_tpu_vm_is_detected(monkeypatch):
   monkeypatch.setattr(main, "on_cloud_tpu_vm", lambda: True)
-  assert arguments({}) == ({"initialization_timeout": 300}, "Cloud TPU")
+  assert arguments({}) == (
+      {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60}, "Cloud TPU")
   assert arguments(NO_TPU) is None  # jax itself skips the metadata query then
 
 
