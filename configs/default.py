@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule.plateau_factor = 0.1   # plateau: lr *= factor after `patience` evaluations
   c.schedule.plateau_patience = 5   # without a lower validation loss (reference: per epoch)
 
+  c.nan_policy = "stop"             # a non-finite loss/gradient: "stop" the run, or "skip"
+  c.max_consecutive_nonfinite = 20  # "skip": stop after this many non-finite steps in a row
+
   c.batch_size = 64                 # global, per optimizer step
   c.grad_accum_steps = 1            # split each step's batch into this many micro-batches
   c.num_train_steps = 1500          # > 0 wins over num_epochs

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-FORMAT = "ctran_jax/train_state/v1"
+FORMAT = "ctran_jax/train_state/v2"
 
 
 class CheckpointError(ValueError):
@@ -37,9 +37,12 @@ def _manager(directory: str, keep: int, asynchronous: bool, name: str) -> ocp.Ch
   # Its own barrier names: with several processes, the async saves of two managers at the
   # same step otherwise meet in one barrier ("Barrier ... is already ongoing").
   multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+  # cleanup_tmp_directories: a save killed half-way leaves a temporary directory (never
+  # taken as a checkpoint: orbax commits by renaming it); remove it at the next start.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=asynchronous,
-                                         multiprocessing_options=multiprocessing)
+                                         multiprocessing_options=multiprocessing,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -56,34 +59,122 @@ def model_mismatch(stored: dict, current: dict) -> list[str]:
           for k in keys if stored.get(k) != current.get(k)]
 
 
+def storage_error(error: BaseException, what: str) -> CheckpointError:
+  """A one-line error for a failed write: what, and the innermost cause (e.g. "No space
+  left on device: '/run/checkpoints/...'")."""
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    if isinstance(cause, OSError):
+      break
+    cause = cause.__cause__ or cause.__context__
+  if isinstance(cause, OSError) and cause.strerror:
+    reason = cause.strerror + (f": {cause.filename!r}" if cause.filename else "")
+  else:
+    reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+  return CheckpointError(f"{what} failed ({reason}); the previous checkpoints are intact")
+
+
 class Checkpoints:
   """Latest-K and best checkpoints of one training run."""
 
   def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
     if not isinstance(keep, int) or keep < 1:
       raise ValueError(f"config.keep_checkpoints={keep!r}; expected a positive integer")
-    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, asynchronous, "latest")
-    self.best = _manager(os.path.join(workdir, "best"), 1, asynchronous, "best")
+    self.workdir = workdir
+    try:
+      self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, asynchronous, "latest")
+      self.best = _manager(os.path.join(workdir, "best"), 1, asynchronous, "best")
+    except OSError as e:
+      raise storage_error(e, f"creating the checkpoint directories in {workdir}") from None
 
   def save(self, step: int, state, meta: dict, *, best: bool = False) -> None:
-    """Save asynchronously (all processes must call); `best` also replaces the best copy."""
+    """Save asynchronously (all processes must call); `best` also replaces the best copy.
+
+    A failure of the previous background save (disk full, storage gone) surfaces here or
+    in `wait` as one `CheckpointError`.
+    """
     meta = {"format": FORMAT, "step": int(step), **meta}
     for manager in (self.latest, self.best) if best else (self.latest,):
       if manager.latest_step() == step:
         continue
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 meta=ocp.args.JsonSave(meta)))
+      try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+      except Exception as e:  # noqa: BLE001 - orbax wraps storage errors in many types
+        raise storage_error(e, f"saving checkpoint {step} to {manager.directory}") from e
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
+  def steps(self) -> list[int]:
+    """The complete (committed) steps of ``checkpoints/``, newest first."""
+    return sorted(self.latest.all_steps(), reverse=True)
+
+  def restore_newest_usable(self, target_state, *, model_config: dict, num_labels: int,
+                            check_meta=None):
+    """``(state, meta, step)`` of the newest checkpoint that reads, or None when there is
+    none.
+
+    An unreadable one (a truncated or missing file) is reported in one line, moved to
+    ``WORKDIR/corrupt/<step>`` so it is never read again, and the next older one is tried.
+    A readable checkpoint that does not fit is an error, not corruption: one of another
+    model or label count, of another format version, or one whose JSON ``check_meta(meta)``
+    refuses (raising ValueError: e.g. a resume with changed settings).
+    """
+    for step in self.steps():
+      directory = str(self.latest.directory)
+      try:
+        meta = read_meta(directory, step)
+      except CheckpointError as e:
+        if "is not a ctran_jax training checkpoint" in str(e):
+          raise
+        self._set_aside(step, str(e))
+        continue
+      if check_meta is not None:
+        check_meta(meta)
+      try:
+        state, meta = restore(directory, step, target_state, model_config=model_config,
+                              num_labels=num_labels)
+        return state, meta, step
+      except CheckpointError as e:
+        if "written by a different model" in str(e):
+          raise
+        self._set_aside(step, str(e).splitlines()[0])
+    return None
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    from absl import logging
+
+    source = os.path.join(str(self.latest.directory), str(step))
+    target = os.path.join(self.workdir, "corrupt", str(step))
+    if jax.process_index() == 0 and os.path.exists(source):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(source, target)
+    logging.warning("checkpoint %d is unreadable, moved to %s (%s); trying an older one",
+                    step, target, reason[:300])
+    self.latest.reload()
+
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    for manager in (self.latest, self.best):
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # noqa: BLE001 - as in save
+        raise storage_error(e, f"saving a checkpoint to {manager.directory}") from e
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    """Wait for the saves in flight and release the managers (errors are not raised: a
+    failed save was already reported by `save` or `wait`)."""
+    for manager in (self.latest, self.best):
+      try:
+        manager.close()
+      except Exception:  # noqa: BLE001 - closing after a failed save must not mask it
+        pass
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def resolve(workdir: str, which: str) -> tuple[str, int]:
@@ -109,12 +200,15 @@ def read_meta(directory: str, step: int) -> dict:
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable dirs
-    raise CheckpointError(f"cannot read checkpoint {directory}/{step}: {e}") from e
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CheckpointError(f"cannot read checkpoint {directory}/{step}: {first}") from e
   finally:
     manager.close()
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise CheckpointError(f"{directory}/{step} is not a ctran_jax training checkpoint "
-                          f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+  found = meta.get("format") if isinstance(meta, dict) else None
+  if found != FORMAT:
+    raise CheckpointError(f"{directory}/{step} is not a ctran_jax training checkpoint of this "
+                          f"version (format {found!r}, expected {FORMAT!r}); train it again "
+                          "in a new --workdir")
   return meta
 
 
@@ -141,7 +235,13 @@ def restore(directory: str, step: int, target_state, *, model_config: dict,
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
   except (ValueError, KeyError) as e:
-    raise CheckpointError(f"checkpoint {directory}/{step} does not fit the model: {e}") from e
+    raise CheckpointError(f"checkpoint {directory}/{step} is unreadable or does not fit the "
+                          f"model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ) from e
+  except Exception as e:  # noqa: BLE001 - truncated files raise from deep inside orbax/TS
+    raise CheckpointError(f"checkpoint {directory}/{step} is unreadable: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                          ) from e
   finally:
     manager.close()
   return restored, meta
@@ -159,7 +259,8 @@ def restore_weights(directory: str, step: int) -> tuple[dict, dict]:
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"]
   except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged checkpoints
-    raise CheckpointError(f"cannot read checkpoint {directory}/{step}: {e}") from e
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CheckpointError(f"cannot read checkpoint {directory}/{step}: {first}") from e
   finally:
     manager.close()
   weights = {k: _pure(state[k]) for k in ("params", "batch_stats")}

@@ -39,7 +39,7 @@ KNOWN_NOISE = (
     "Unable to initialize backend 'tpu'",
 )
 # Our own INFO lines that belong in log.txt only (the whole config).
-FILE_ONLY = ("config:\n",)
+FILE_ONLY = ("config:\n", "traceback:\n")
 _LIBRARY_PATHS = tuple(f"{os.sep}{name}{os.sep}" for name in
                        ("orbax", "tensorflow_datasets", "jax", "clu", "tensorflow"))
 

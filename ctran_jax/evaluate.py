@@ -301,6 +301,21 @@ def append_history(workdir: str, report: dict, *, step: int, split: str) -> None
       f.write(line)
 
 
+def truncate_history(workdir: str, step: int) -> None:
+  """Drop evaluations after `step` from ``eval/history.jsonl``: a resumed run redoes them,
+  so the file never holds two entries for one (step, split)."""
+  path = os.path.join(workdir, "eval", "history.jsonl")
+  if jax.process_index() != 0 or not gfile.exists(path):
+    return
+  with gfile.GFile(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with gfile.GFile(path + ".tmp", "w") as f:
+      f.write("".join(kept))
+    gfile.rename(path + ".tmp", path, overwrite=True)
+
+
 def write_results(workdir: str, reports: dict[str, dict], *, step: int, checkpoint: str,
                   meta) -> str:
   """Write ``eval/results.json`` atomically (process 0); returns its path."""

@@ -283,16 +283,38 @@ def main(argv):
       train.train_and_evaluate(config, workdir)
     else:
       train.evaluate_checkpoint(config, workdir, _CHECKPOINT.value)
+  except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint, no background threads' noise
+    logging.warning("interrupted%s: stopped without saving; the last checkpoint is intact",
+                    where)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
   except known_errors as e:
     _exit_with_error(e, where)
+  except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in log.txt
+    _exit_with_error(e, where, status=1, unexpected=True)
 
 
-def _exit_with_error(error: Exception, where: str):
-  """One line on stderr (any process: errors are never filtered) and exit status 2."""
+def _exit_with_error(error: Exception, where: str, *, status: int = 2,
+                     unexpected: bool = False):
+  """One line on stderr (any process: errors are never filtered), the traceback in the log
+  file only (on the console too with --traceback), then exit with `status`."""
+  import traceback
+
   if _TRACEBACK.value:
     raise error
-  print(f"error{where}: {error}", file=sys.stderr)
-  sys.exit(2)
+  text = "".join(traceback.format_exception(error))
+  logging.info("traceback:\n%s", text)  # log.txt only (console.FILE_ONLY)
+  message = str(error).strip() or type(error).__name__
+  if unexpected:
+    message = (f"unexpected {type(error).__name__}: {message.splitlines()[0]} (the traceback "
+               "is in WORKDIR/log.txt; --traceback shows it here)")
+  print(f"error{where}: {message}", file=sys.stderr)
+  if where:  # several processes: sys.exit would wait in jax's shutdown barrier for the rest
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -42,6 +42,7 @@ from ctran_jax import (
   label_mask,
   losses,
   model_store,
+  resilience,
   sharding,
 )
 from ctran_jax.config_util import check_choice
@@ -173,7 +174,7 @@ def train_state(config, mesh, model_def: model_store.ModelDef, tx):
       nnx.update(target, weights_state)
     params, batch_stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
     return {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32)}
+            "step": jnp.zeros((), jnp.int32), "health": resilience.initial_health()}
 
   shapes = jax.eval_shape(init, None)
   shardings = sharding.state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
@@ -224,6 +225,10 @@ def make_train_step(model_def: model_store.ModelDef, loss: losses.MaskedBCE, tx,
 
   def train_step(state, batch, lr_scale):
     step = state["step"]
+    # A copy of the incoming state's structure: merging it into the model lets BatchNorm
+    # overwrite the variables in place, and a skipped step must return the values before.
+    old = jax.tree.map(lambda x: x, {k: state[k] for k in ("params", "batch_stats",
+                                                           "opt_state")})
     key = jax.random.fold_in(jax.random.key(seed), step)
     in_loss = jnp.sum(loss.weights(batch["states"]))
     denominator = (jnp.float32(1.0) if loss.reduction == "sum"
@@ -251,10 +256,16 @@ def make_train_step(model_def: model_store.ModelDef, loss: losses.MaskedBCE, tx,
           (jnp.arange(accum_steps), micro))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     updates = jax.tree.map(lambda u: u * lr_scale, updates)
-    new_state = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
-                 "opt_state": opt_state, "step": step + 1}
+    grad_norm = optax.tree.norm(grads)
+    # A step with a non-finite loss or gradient changes nothing but the counters.
+    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+    updated = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
+               "opt_state": opt_state}
+    kept, health = resilience.guarded_update(finite, step, updated, old, state["health"])
+    new_state = {**kept, "step": step + 1, "health": health}
     metrics = {"loss": value, "bce_per_entry": value * denominator / jnp.maximum(in_loss, 1),
-               "grad_norm": optax.tree.norm(grads), "lr": schedule(step) * lr_scale}
+               "grad_norm": grad_norm, "lr": schedule(step) * lr_scale,
+               "finite": finite.astype(jnp.float32)}
     return new_state, metrics
 
   return train_step
@@ -369,12 +380,33 @@ class Pace:
     return f"  (first step, compilation included: {self.compile_seconds:.1f} s)"
 
 
+def log_progress(writer, pending: list, done: int, num_steps: int, pace: Pace, config) -> dict:
+  """The progress line and TensorBoard scalars of the steps since the last one."""
+  values = jax.device_get(pending)
+  finite = [m for m in values if m["finite"]] or values
+  summary = {k: float(np.mean([m[k] for m in finite])) for k in finite[0] if k != "finite"}
+  summary["lr"] = float(values[-1]["lr"])
+  summary["nonfinite_steps"] = float(sum(1 for m in values if not m["finite"]))
+  steps_per_s = pace.steps_per_second(done)
+  summary.update(steps_per_sec=steps_per_s, examples_per_sec=steps_per_s * config.batch_size)
+  writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
+  logging.info("step %*d/%d  loss %.4f  lr %.2e  grad %.3f  %s  ETA %s%s",
+               len(str(num_steps)), done, num_steps, summary["loss"], summary["lr"],
+               summary["grad_norm"],
+               f"{steps_per_s:.1f} steps/s" if steps_per_s else "-- steps/s",
+               console.format_seconds((num_steps - done) / steps_per_s) if steps_per_s
+               else "--", pace.compile_note())
+  return {"step": done, **summary}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train (resuming from the workdir's latest checkpoint) and evaluate.
 
   Returns ``{"reports": {split: report}, "train_log": [{"step": ..., "loss": ...}, ...],
   "state": final train state}``: the final evaluation (as in ``eval/results.json``), the
-  logged training summaries and the (sharded) arrays of the last step.
+  logged training summaries and the (sharded) arrays of the last step. After a stop
+  request (SIGTERM, Ctrl-C: see `resilience.StopRequest`) it returns early with
+  ``"stopped": signal name, "step": the saved step`` and empty reports.
   """
   check_config(config)
   writer = tensorboard_writer(workdir)
@@ -408,98 +440,126 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  writer=writer)
 
   # --- Train state: restored from the latest checkpoint (auto-resume), or fresh.
+  health = resilience.Health(config)
   abstract, init = train_state(config, mesh, model_def, tx)
-  ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-  plateau = Plateau(config.schedule.plateau_factor, config.schedule.plateau_patience)
-  best_metric = -math.inf
-  if ckpts.latest_step() is not None:
-    directory, step = checkpoint.resolve(workdir, "latest")
-    state, ckpt_meta = checkpoint.restore(directory, step, abstract,
-                                          model_config=model_def.description,
-                                          num_labels=meta.num_labels)
-    plateau = Plateau(**ckpt_meta["plateau"])
-    best_metric = ckpt_meta["best_metric"]
-    logging.info("resumed  from %s/%d", directory, step)
-  else:
-    state = init()
-  num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  logging.info("model    %s: %s parameters", model_summary(model_def.description),
-               f"{num_params:,}")
-  start_step = int(state["step"])
+  # The checkpoints are closed however the loop ends: an error must not leave a save
+  # half-written by a background thread while the caller goes on.
+  with checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints) as ckpts:
+    plateau = Plateau(config.schedule.plateau_factor, config.schedule.plateau_patience)
+    best_metric = -math.inf
+    trajectory = resilience.trajectory_settings(config)
+    had_checkpoints = bool(ckpts.steps())
 
-  def checkpoint_meta():
-    return {"model": model_def.description, "num_labels": meta.num_labels,
-            "label_names": list(meta.label_names), "dataset": meta.name,
-            "transform": pipeline.eval_transform_spec(config.data), "seed": config.seed,
-            "data_position": {"examples_seen": int(state["step"]) * config.batch_size,
-                              "batch_size": config.batch_size},
-            "plateau": dataclasses.asdict(plateau), "best_metric": best_metric}
+    def same_run(stored: dict) -> None:
+      changed = resilience.changed_settings(stored.get("trajectory", {}), trajectory)
+      if changed:
+        raise ValueError(f"{workdir} holds a run with other settings, so resuming it would "
+                         "not continue that run: " + "; ".join(changed)
+                         + ". Use the settings it was started with, or a new --workdir "
+                         "(model.init_from=an exported model starts from its weights).")
 
-  # --- Loop.
-  train_step = jit_train_step(config, model_def, tx, schedule, mesh, abstract)
-  train_iter = pipeline.train_dataset(
-      source, batch_size=local_batch, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  pending, train_log = [], []
-  pace = Pace(start_step)
-  if start_step >= num_steps:
-    logging.info("training already complete at step %d; evaluating", start_step)
-  for step in range(start_step, num_steps):
-    local = next(train_iter)
-    local["states"] = states_for(local["labels"], local["example_id"], step)
-    batch = sharding.global_batch(
-        {k: local[k] for k in ("image", "labels", "states", "window", "flip") if k in local},
-        mesh)
-    state, metrics = train_step(state, batch, jnp.float32(plateau.scale))
-    pending.append(metrics)
-    done = step + 1
-    if step == start_step:
-      pace.compiled(jax.block_until_ready(metrics), done)
+    restored = ckpts.restore_newest_usable(abstract, model_config=model_def.description,
+                                           num_labels=meta.num_labels, check_meta=same_run)
+    if restored is not None:
+      state, ckpt_meta, step = restored
+      plateau = Plateau(**ckpt_meta["plateau"])
+      best_metric = ckpt_meta["best_metric"]
+      evaluate.truncate_history(workdir, step)  # evaluations after it will be redone
+      logging.info("resumed  from checkpoint %d in %s", step, ckpts.latest.directory)
+    elif had_checkpoints:
+      raise checkpoint.CheckpointError(
+          f"no checkpoint in {workdir}/checkpoints could be read (moved to {workdir}/corrupt); "
+          "remove them to start afresh in this workdir, or use a new --workdir")
+    else:
+      state = init()
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    logging.info("model    %s: %s parameters", model_summary(model_def.description),
+                 f"{num_params:,}")
+    start_step = int(state["step"])
 
-    if done % config.log_every_steps == 0 or done == num_steps:
-      summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                 for k in pending[0]}
-      summary["lr"] = float(pending[-1]["lr"])
-      steps_per_s = pace.steps_per_second(done)
-      summary.update(steps_per_sec=steps_per_s, examples_per_sec=steps_per_s * config.batch_size)
-      writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
-      train_log.append({"step": done, **summary})
-      logging.info("step %*d/%d  loss %.4f  lr %.2e  grad %.3f  %s  ETA %s%s",
-                   len(str(num_steps)), done, num_steps, summary["loss"], summary["lr"],
-                   summary["grad_norm"],
-                   f"{steps_per_s:.1f} steps/s" if steps_per_s else "-- steps/s",
-                   console.format_seconds((num_steps - done) / steps_per_s) if steps_per_s
-                   else "--", pace.compile_note())
-      if not math.isfinite(summary["loss"]):
-        raise FloatingPointError(f"training loss became {summary['loss']} at step {done}; "
-                                 "lower config.optimizer.learning_rate or enable "
-                                 "config.optimizer.grad_clip_norm")
-      pending = []
+    def checkpoint_meta():
+      return {"model": model_def.description, "num_labels": meta.num_labels,
+              "label_names": list(meta.label_names), "dataset": meta.name,
+              "transform": pipeline.eval_transform_spec(config.data), "seed": config.seed,
+              "data_position": {"examples_seen": int(state["step"]) * config.batch_size,
+                                "batch_size": config.batch_size},
+              "plateau": dataclasses.asdict(plateau), "best_metric": best_metric,
+              "trajectory": trajectory}
 
-    is_best = False
-    if done % eval_every == 0 or done == num_steps:
-      with pace.paused():  # evaluation time is not training speed
-        report = evaluator.evaluate(state, config.data.eval_split, done)
-      first = report["known"][evaluate.fraction_key(evaluator.fractions[0])]
-      if config.schedule.name == "plateau" and plateau.update(first["loss"]):
-        logging.info("validation loss plateaued: learning rate scale now %g", plateau.scale)
-      selected = evaluator.selection_value(report)
-      if selected > best_metric:
-        best_metric, is_best = selected, True
-    if done % config.checkpoint_every_steps == 0 or done == num_steps or is_best:
-      with pace.paused():
-        start = time.perf_counter()
-        ckpts.save(done, state, checkpoint_meta(), best=is_best)
-        logging.info("saved    checkpoint %d%s in %.1f s (written in the background)", done,
-                     ", the best so far," if is_best else "", time.perf_counter() - start)
+    def save(step: int, best: bool) -> None:
+      """A checkpoint of a state checked finite (never a non-finite one)."""
+      health.check(state, last_checkpoint=last_saved)
+      if not bool(check_finite(state["params"])):
+        raise FloatingPointError(f"the parameters are not finite at step {step}; not saving "
+                                 f"them (last good checkpoint: {last_saved})")
+      start = time.perf_counter()
+      ckpts.save(step, state, checkpoint_meta(), best=best)
+      logging.info("saved    checkpoint %d%s in %.1f s (written in the background)", step,
+                   ", the best so far," if best else "", time.perf_counter() - start)
 
-  # --- Final report on the evaluation and test splits.
-  ckpts.wait()
-  final_step = int(state["step"])
-  reports = evaluator.final_report(state, final_step, f"checkpoints/{final_step}")
-  writer.flush()
-  ckpts.close()
-  return {"reports": reports, "train_log": train_log, "state": state}
+    # --- Loop.
+    train_step = jit_train_step(config, model_def, tx, schedule, mesh, abstract)
+    train_iter = pipeline.train_dataset(
+        source, batch_size=local_batch, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    check_finite = jax.jit(resilience.all_finite)
+    last_saved = f"checkpoints/{start_step}" if restored is not None else None
+    pending, train_log = [], []
+    pace = Pace(start_step)
+    if start_step >= num_steps:
+      logging.info("training already complete at step %d; evaluating", start_step)
+    with resilience.StopRequest() as stop:
+      for step in range(start_step, num_steps):
+        local = next(train_iter)
+        local["states"] = states_for(local["labels"], local["example_id"], step)
+        health.record(step, local["example_id"])
+        batch = sharding.global_batch(
+            {k: local[k] for k in ("image", "labels", "states", "window", "flip") if k in local},
+            mesh)
+        state, metrics = train_step(state, batch, jnp.float32(plateau.scale))
+        pending.append(metrics)
+        done = step + 1
+        if step == start_step:
+          pace.compiled(jax.block_until_ready(metrics), done)
+
+        if done % config.log_every_steps == 0 or done == num_steps:
+          train_log.append(log_progress(writer, pending, done, num_steps, pace, config))
+          pending = []
+          health.check(state, last_checkpoint=last_saved)
+
+        if stop.should_stop(done):
+          with pace.paused():
+            save(done, best=False)
+            ckpts.wait()
+          logging.warning("stopped at step %d on %s: checkpoint %d saved; run the same command "
+                          "to resume", done, stop.signal_name, done)
+          writer.flush()
+          ckpts.close()
+          return {"reports": {}, "train_log": train_log, "state": state,
+                  "stopped": stop.signal_name, "step": done}
+
+        is_best = False
+        if done % eval_every == 0 or done == num_steps:
+          with pace.paused():  # evaluation time is not training speed
+            report = evaluator.evaluate(state, config.data.eval_split, done)
+          first = report["known"][evaluate.fraction_key(evaluator.fractions[0])]
+          if config.schedule.name == "plateau" and plateau.update(first["loss"]):
+            logging.info("validation loss plateaued: learning rate scale now %g", plateau.scale)
+          selected = evaluator.selection_value(report)
+          if selected > best_metric:
+            best_metric, is_best = selected, True
+        if done % config.checkpoint_every_steps == 0 or done == num_steps or is_best:
+          with pace.paused():
+            save(done, best=is_best)
+            last_saved = f"checkpoints/{done}"
+
+    # --- Final report on the evaluation and test splits.
+    ckpts.wait()
+    final_step = int(state["step"])
+    reports = evaluator.final_report(state, final_step, f"checkpoints/{final_step}")
+    writer.flush()
+    ckpts.close()
+    return {"reports": reports, "train_log": train_log, "state": state}
 
 
 # ----------------------------------------------------------------------------- evaluation only
