@@ -125,7 +125,9 @@ class Evaluator:
     batches = pipeline.eval_dataset(self.source, split, batch_size=self.local_batch,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
+    skipped = 0
     for i, local in enumerate(batches):
+      skipped += int(np.sum(local["skipped"])) if "skipped" in local else 0
       states = np.stack([
           label_mask.eval_states(local["labels"], local["example_id"], known_fraction=f,
                                  seed=self.config.eval.seed) for f in self.fractions] + [
@@ -139,6 +141,9 @@ class Evaluator:
       if (i + 1) % every == 0:
         logging.info("evaluating %s: %d/%d batches, %.0f s", split, i + 1, n_batches,
                      time.perf_counter() - start)
+    if skipped:
+      logging.warning("evaluating %s: %d unreadable examples skipped (data.on_bad_example)",
+                      split, skipped)
     if not parts:
       raise ValueError(f"split {split!r} of {self.meta.name} has no examples")
     out = {k: np.concatenate([p[k] for p in parts], axis=1 if k in ("logits", "states") else 0)

@@ -33,11 +33,12 @@ import glob
 import importlib.util
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ctran_jax import console
+from ctran_jax import console, watchdog
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(), e.g. configs/default.py.", lock_config=True)
@@ -291,7 +292,13 @@ def main(argv):
     os._exit(130)
   except known_errors as e:
     _exit_with_error(e, where)
-  except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in log.txt
+  except Exception as e:  # noqa: BLE001 - one line here, the traceback in log.txt
+    if joined and watchdog.is_peer_failure(e):  # a collective lost its peer
+      logging.info("traceback:\n%s", "".join(traceback.format_exception(e)))
+      print(watchdog.describe_peer_failure(e, jax.process_index()), file=sys.stderr)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(watchdog.PEER_LOST_STATUS)
     _exit_with_error(e, where, status=1, unexpected=True)
 
 
@@ -299,8 +306,6 @@ def _exit_with_error(error: Exception, where: str, *, status: int = 2,
                      unexpected: bool = False):
   """One line on stderr (any process: errors are never filtered), the traceback in the log
   file only (on the console too with --traceback), then exit with `status`."""
-  import traceback
-
   if _TRACEBACK.value:
     raise error
   text = "".join(traceback.format_exception(error))

@@ -380,22 +380,26 @@ class Pace:
     return f"  (first step, compilation included: {self.compile_seconds:.1f} s)"
 
 
-def log_progress(writer, pending: list, done: int, num_steps: int, pace: Pace, config) -> dict:
-  """The progress line and TensorBoard scalars of the steps since the last one."""
+def log_progress(writer, pending: list, done: int, num_steps: int, pace: Pace, config,
+                 skipped_examples: int = 0) -> dict:
+  """The progress line and TensorBoard scalars of the steps since the last one
+  (`skipped_examples`: unreadable training examples dropped so far, data.on_bad_example)."""
   values = jax.device_get(pending)
   finite = [m for m in values if m["finite"]] or values
   summary = {k: float(np.mean([m[k] for m in finite])) for k in finite[0] if k != "finite"}
   summary["lr"] = float(values[-1]["lr"])
   summary["nonfinite_steps"] = float(sum(1 for m in values if not m["finite"]))
   steps_per_s = pace.steps_per_second(done)
-  summary.update(steps_per_sec=steps_per_s, examples_per_sec=steps_per_s * config.batch_size)
+  summary.update(steps_per_sec=steps_per_s, examples_per_sec=steps_per_s * config.batch_size,
+                 skipped_examples=float(skipped_examples))
   writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
-  logging.info("step %*d/%d  loss %.4f  lr %.2e  grad %.3f  %s  ETA %s%s",
+  logging.info("step %*d/%d  loss %.4f  lr %.2e  grad %.3f  %s  ETA %s%s%s",
                len(str(num_steps)), done, num_steps, summary["loss"], summary["lr"],
                summary["grad_norm"],
                f"{steps_per_s:.1f} steps/s" if steps_per_s else "-- steps/s",
                console.format_seconds((num_steps - done) / steps_per_s) if steps_per_s
-               else "--", pace.compile_note())
+               else "--", f"  {skipped_examples} unreadable examples skipped"
+               if skipped_examples else "", pace.compile_note())
   return {"step": done, **summary}
 
 
@@ -484,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "data_position": {"examples_seen": int(state["step"]) * config.batch_size,
                                 "batch_size": config.batch_size},
               "plateau": dataclasses.asdict(plateau), "best_metric": best_metric,
-              "trajectory": trajectory}
+              "trajectory": trajectory, "skipped_examples": skipped_examples}
 
     def save(step: int, best: bool) -> None:
       """A checkpoint of a state checked finite (never a non-finite one)."""
@@ -505,12 +509,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_finite = jax.jit(resilience.all_finite)
     last_saved = f"checkpoints/{start_step}" if restored is not None else None
     pending, train_log = [], []
+    skipped_examples = ckpt_meta.get("skipped_examples", 0) if restored is not None else 0
     pace = Pace(start_step)
     if start_step >= num_steps:
       logging.info("training already complete at step %d; evaluating", start_step)
     with resilience.StopRequest() as stop:
       for step in range(start_step, num_steps):
         local = next(train_iter)
+        skipped_examples += int(local["skipped"].sum()) if "skipped" in local else 0
         local["states"] = states_for(local["labels"], local["example_id"], step)
         health.record(step, local["example_id"])
         batch = sharding.global_batch(
@@ -523,7 +529,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           pace.compiled(jax.block_until_ready(metrics), done)
 
         if done % config.log_every_steps == 0 or done == num_steps:
-          train_log.append(log_progress(writer, pending, done, num_steps, pace, config))
+          train_log.append(log_progress(writer, pending, done, num_steps, pace, config,
+                                        skipped_examples))
           pending = []
           health.check(state, last_checkpoint=last_saved)
 
