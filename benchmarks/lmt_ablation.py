@@ -7,8 +7,10 @@
         --set data.data_dir=DATA --set data.name=ctran_folder/mine        # your own data
 
 Each cell is one training run of the main command (``python -m ctran_jax.main``) per seed,
-with the cell's config overrides; a cell's run is skipped when its workdir already holds
-the final ``eval/results.json``, so an interrupted matrix resumes where it stopped. The
+with the cell's config overrides on top of the reference LMT settings (`REFERENCE_LMT`, so
+the table means the same whatever the config's own defaults are); a cell's run is skipped
+when its workdir already holds the final ``eval/results.json``, so an interrupted matrix
+resumes where it stopped. The
 table gives test-split mAP (over the unknown labels) at 0/25/50/75 % known, mean ± sample
 standard deviation over the seeds, and the 0 %-known difference to the ``no_lmt`` cell of
 the same budget. Every run of one budget sees the same data order for the same seed;
@@ -45,11 +47,22 @@ CELLS = {
     "mix50_3x": ("LMT, 50 % show no label, 3x the steps",
                  {"lmt.all_unknown_fraction": 0.5, "_budget": 3}),
     "mix75": ("LMT, 75 % of examples show no label", {"lmt.all_unknown_fraction": 0.75}),
+    # Pretrained-like start: the no_lmt cell's final model (exported), trained on with or
+    # without LMT for the same budget.
+    "ft_reference": ("reference LMT from the no-LMT model (pretrained-like start)",
+                     {"_init_from": "no_lmt"}),
+    "ft_no_lmt": ("no LMT from the no-LMT model", {"model.use_lmt": False,
+                                                  "_init_from": "no_lmt"}),
     "mix75_loss_all": ("LMT, 75 % show no label, loss on all labels",
                        {"lmt.all_unknown_fraction": 0.75, "loss.labels": "all"}),
 }
-DEFAULT_CELLS = ("reference", "no_lmt", "loss_all", "sum", "mix50", "learned_unknown",
-                 "reference_3x", "no_lmt_3x")
+DEFAULT_CELLS = ("reference", "no_lmt", "loss_all", "sum", "mix50", "mix75",
+                 "learned_unknown", "mix50_loss_all", "reference_3x", "no_lmt_3x",
+                 "ft_reference", "ft_no_lmt")
+# Every cell starts from the reference's LMT settings and the config's other values, so a
+# cell means the same whatever the config's own LMT defaults are.
+REFERENCE_LMT = {"lmt.all_unknown_fraction": 0.0, "loss.labels": "unknown",
+                 "loss.reduction": "mean", "model.train_unknown_state": False}
 FRACTIONS = ("0", "25", "50", "75")
 
 
@@ -65,8 +78,12 @@ def load_config(path: str):
 
 def run_command(args, cell: str, seed: int, base_steps: int) -> tuple[list[str], str]:
   """(the main command for one run, its workdir)."""
-  overrides = dict(CELLS[cell][1])
+  overrides = {**REFERENCE_LMT, **CELLS[cell][1]}
   budget = overrides.pop("_budget", 1)
+  start_from = overrides.pop("_init_from", None)
+  if start_from:
+    overrides["model.init_from"] = os.path.join(args.workroot, start_from, f"seed{seed}",
+                                                "exported")
   workdir = os.path.join(args.workroot, cell, f"seed{seed}")
   command = [sys.executable, "-m", "ctran_jax.main", f"--config={args.config}",
              f"--workdir={workdir}", f"--config.seed={seed}",
@@ -165,6 +182,13 @@ def main(argv=None):
         if args.dry_run:
           continue
         os.makedirs(workdir, exist_ok=True)
+        start_from = CELLS[cell][1].get("_init_from")
+        if start_from:  # export the cell it starts from (which must have run)
+          exported = os.path.join(args.workroot, start_from, f"seed{seed}", "exported")
+          if not os.path.exists(os.path.join(exported, "model.json")):
+            subprocess.run([sys.executable, "-m", "ctran_jax.export_model",
+                            f"--workdir={os.path.dirname(exported)}", f"--out={exported}"],
+                           cwd=REPO, check=True)
         start = time.perf_counter()
         with open(os.path.join(workdir, "log.txt"), "a") as log:
           status = subprocess.run(command, cwd=REPO, stdout=log,

@@ -19,7 +19,7 @@ from flax import nnx
 from helpers import REPO, STEPS, TINY_RUN, tiny_ctran, tiny_run_config, write_config_file
 
 from configs import default
-from ctran_jax import checkpoint, label_mask, losses, model_store, train
+from ctran_jax import checkpoint, label_mask, losses, model_store, resilience, train
 from ctran_jax.data import demo
 
 NUM_LABELS = len(demo.LABEL_NAMES)
@@ -93,10 +93,18 @@ def test_one_device_gives_the_same_loss_trajectory(run_8dev, demo_data_dir, tmp_
   assert abs(m1 - m8) < 1e-3
 
 
-def test_resume_continues_exactly(run_8dev, demo_data_dir, tmp_path):
+def test_resume_continues_exactly(run_8dev, demo_data_dir, tmp_path, monkeypatch):
+  """A run stopped half-way (as by SIGTERM) and started again follows the same trajectory."""
   _, uninterrupted = run_8dev
-  first = train.train_and_evaluate(tiny_config(demo_data_dir, num_train_steps=STEPS // 2),
-                                   str(tmp_path))
+
+  def stop_half_way(self, step):
+    self.signal_name = "SIGTERM" if step == STEPS // 2 else None
+    return self.signal_name is not None
+
+  monkeypatch.setattr(resilience.StopRequest, "should_stop", stop_half_way)
+  first = train.train_and_evaluate(tiny_config(demo_data_dir), str(tmp_path))
+  assert first["stopped"] == "SIGTERM" and first["step"] == STEPS // 2
+  monkeypatch.undo()
   resumed = train.train_and_evaluate(tiny_config(demo_data_dir), str(tmp_path))
   assert [r["step"] for r in resumed["train_log"]] == list(range(STEPS // 2 + 1, STEPS + 1))
   np.testing.assert_allclose(np.concatenate([loss_curve(first), loss_curve(resumed)]),
@@ -152,7 +160,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   for reduction in ("sum", "mean"):
     for accum in (1, 4):
       state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
-               "step": jnp.zeros((), jnp.int32)}
+               "step": jnp.zeros((), jnp.int32), "health": resilience.initial_health()}
       step = jax.jit(train.make_train_step(model_def, losses.MaskedBCE(reduction), tx,
                                            optax.constant_schedule(0.1), seed=0,
                                            accum_steps=accum))
