@@ -88,6 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule.plateau_factor = 0.1   # plateau: lr *= factor after `patience` evaluations
   c.schedule.plateau_patience = 5   # without a lower validation loss (reference: per epoch)
 
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0                 # EMA of the weights, e.g. 0.9997 (0: off, reference)
+  c.ema.warmup = True               # decay = min(decay, (1 + t) / (10 + t)) at step t
+  c.ema.evaluate_raw = False        # also report the raw (non-EMA) weights at the end
+
   c.nan_policy = "stop"             # a non-finite loss/gradient: "stop" the run, or "skip"
   c.max_consecutive_nonfinite = 20  # "skip": stop after this many non-finite steps in a row
 

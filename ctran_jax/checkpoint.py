@@ -249,7 +249,9 @@ def restore(directory: str, step: int, target_state, *, model_config: dict,
 
 def restore_weights(directory: str, step: int) -> tuple[dict, dict]:
   """``({"params": ..., "batch_stats": ...}, meta)`` of a checkpoint, without knowing the
-  optimizer that wrote it: the whole state is read as host arrays by its stored layout."""
+  optimizer that wrote it: the whole state is read as host arrays by its stored layout.
+  The EMA weights when the run kept them (what evaluation reported), else the trained ones.
+  """
   meta = read_meta(directory, step)
   manager = _reader(directory)
   try:
@@ -263,7 +265,8 @@ def restore_weights(directory: str, step: int) -> tuple[dict, dict]:
     raise CheckpointError(f"cannot read checkpoint {directory}/{step}: {first}") from e
   finally:
     manager.close()
-  weights = {k: _pure(state[k]) for k in ("params", "batch_stats")}
+  source = state["ema"] if "ema" in state else state
+  weights = {k: _pure(source[k]) for k in ("params", "batch_stats")}
   return weights, meta
 
 

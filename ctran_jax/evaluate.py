@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from tensorflow.io import gfile
 
-from ctran_jax import label_mask, metrics, report_plots, sharding, thresholds
+from ctran_jax import ema, label_mask, metrics, report_plots, sharding, thresholds
 from ctran_jax.config_util import check_choice, check_range
 from ctran_jax.data import pipeline
 
@@ -116,8 +116,13 @@ class Evaluator:
     self._done = {}  # (split, step) -> report
     self._scores = {}  # (split, step) -> (probabilities, labels) with no label known
 
-  def predictions(self, state, split: str) -> dict[str, np.ndarray]:
-    """Host arrays over the valid examples of `split`: logits (F, N, L), labels, states."""
+  def predictions(self, state, split: str, *, raw: bool = False) -> dict[str, np.ndarray]:
+    """Host arrays over the valid examples of `split`: logits (F, N, L), labels, states.
+
+    The EMA weights are evaluated when the state has them (`ema.weights_of`), the trained
+    ones with `raw`.
+    """
+    weights = ema.weights_of(state, raw=raw)
     n_batches = pipeline.num_eval_batches(self.source, split, batch_size=self.local_batch,
                                           process_count=jax.process_count())
     every = max(1, n_batches // 5) if n_batches >= 50 else n_batches + 1
@@ -137,7 +142,8 @@ class Evaluator:
           for n in self.groups], axis=1)
       batch = sharding.global_batch({"image": local["image"], "labels": local["labels"],
                                      "states": states, "valid": local["valid"]}, self.mesh)
-      parts.append(jax.device_get(self.predict(state["params"], state["batch_stats"], batch)))
+      parts.append(jax.device_get(self.predict(weights["params"], weights["batch_stats"],
+                                               batch)))
       if (i + 1) % every == 0:
         logging.info("evaluating %s: %d/%d batches, %.0f s", split, i + 1, n_batches,
                      time.perf_counter() - start)
@@ -157,9 +163,9 @@ class Evaluator:
     (+ "known_groups": {n: ...} for extra-label evaluation)."""
     return self._run(state, split)[0]
 
-  def _run(self, state, split: str):
+  def _run(self, state, split: str, *, raw: bool = False):
     """(report, (probabilities, labels) at 0 % known or None)."""
-    pred = self.predictions(state, split)
+    pred = self.predictions(state, split, raw=raw)
     scores = None
     if 0.0 in self.fractions:
       scores = (metrics.sigmoid(pred["logits"][self.fractions.index(0.0)]), pred["labels"])
@@ -218,6 +224,12 @@ class Evaluator:
         report["calibrated"] = {"fitted_on": data.eval_split,
                                 **metrics.thresholded_metrics(*self._scores[split, step],
                                                               fitted)}
+    if self.config.ema.evaluate_raw and "ema" in state:
+      for split, report in reports.items():
+        raw = self._run(state, split, raw=True)[0]
+        report["raw_weights"] = {"known": raw["known"]}
+        logging.info("raw weights (no EMA), %s: mAP %s", split, " / ".join(
+            f"{v['mAP'] * 100:.1f}" for v in raw["known"].values()))
     path = write_results(self.workdir, reports, step=step, checkpoint=checkpoint,
                          meta=self.meta)
     if jax.process_index() == 0:

@@ -152,7 +152,8 @@ def all_finite(tree) -> jax.Array:
 # them changed is refused (start a new workdir instead). Everything else (evaluation,
 # logging and checkpoint frequency, mesh, data_dir, prefetch, ...) may change freely.
 TRAJECTORY_KEYS = ("seed", "batch_size", "grad_accum_steps", "num_train_steps", "num_epochs",
-                   "optimizer", "schedule", "loss", "lmt", "nan_policy", "data.name",
+                   "optimizer", "schedule", "loss", "lmt", "ema.decay", "ema.warmup",
+                   "nan_policy", "data.name",
                    "data.train_split", "data.transform", "data.image_size", "data.scale_size",
                    "data.crop_sizes", "data.flip", "data.mean", "data.std",
                    "data.resize_on_device", "data.on_bad_example", "model.bn_mode",

@@ -38,6 +38,7 @@ from ctran_jax import (
   augment,
   checkpoint,
   console,
+  ema,
   evaluate,
   label_mask,
   losses,
@@ -160,7 +161,8 @@ def train_state(config, mesh, model_def: model_store.ModelDef, tx):
   """(abstract state, init): the train state's shapes and shardings, and a function that
   initialises it on the mesh (from ``config.model.init_from`` when set).
 
-  The state is ``{"params", "batch_stats", "opt_state", "step"}``, split over ``fsdp`` by
+  The state is ``{"params", "batch_stats", "opt_state", "step", "health"}`` (+ ``"ema"``
+  with ``config.ema.decay`` > 0, see `ema`), split over ``fsdp`` by
   `sharding.state_shardings`; the abstract state (ShapeDtypeStructs carrying their
   shardings) is also the target of a checkpoint restore, so resuming initialises nothing.
   """
@@ -173,8 +175,11 @@ def train_state(config, mesh, model_def: model_store.ModelDef, tx):
       nnx.replace_by_pure_dict(weights_state, weights)
       nnx.update(target, weights_state)
     params, batch_stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
-    return {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "health": resilience.initial_health()}
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "health": resilience.initial_health()}
+    if ema.enabled(config):
+      state["ema"] = ema.initial(params, batch_stats)
+    return state
 
   shapes = jax.eval_shape(init, None)
   shardings = sharding.state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
@@ -199,7 +204,8 @@ def train_state(config, mesh, model_def: model_store.ModelDef, tx):
 # ----------------------------------------------------------------------------- train step
 
 def make_train_step(model_def: model_store.ModelDef, loss: losses.MaskedBCE, tx, schedule, *,
-                    seed: int, accum_steps: int, finish_images=None):
+                    seed: int, accum_steps: int, finish_images=None, ema_decay: float = 0.0,
+                    ema_warmup: bool = True):
   """(state, batch, lr_scale) -> (state, metrics); batch has image/labels/states.
 
   ``finish_images(batch) -> images``, when given, turns the batch's raw image fields into
@@ -228,7 +234,7 @@ def make_train_step(model_def: model_store.ModelDef, loss: losses.MaskedBCE, tx,
     # A copy of the incoming state's structure: merging it into the model lets BatchNorm
     # overwrite the variables in place, and a skipped step must return the values before.
     old = jax.tree.map(lambda x: x, {k: state[k] for k in ("params", "batch_stats",
-                                                           "opt_state")})
+                                                           "opt_state", "ema") if k in state})
     key = jax.random.fold_in(jax.random.key(seed), step)
     in_loss = jnp.sum(loss.weights(batch["states"]))
     denominator = (jnp.float32(1.0) if loss.reduction == "sum"
@@ -261,6 +267,9 @@ def make_train_step(model_def: model_store.ModelDef, loss: losses.MaskedBCE, tx,
     finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
     updated = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
                "opt_state": opt_state}
+    if "ema" in state:
+      updated["ema"] = ema.update(old["ema"], updated["params"], batch_stats, step,
+                                  decay=ema_decay, warmup=ema_warmup)
     kept, health = resilience.guarded_update(finite, step, updated, old, state["health"])
     new_state = {**kept, "step": step + 1, "health": health}
     metrics = {"loss": value, "bce_per_entry": value * denominator / jnp.maximum(in_loss, 1),
@@ -286,7 +295,8 @@ def jit_train_step(config, model_def: model_store.ModelDef, tx, schedule, mesh, 
         std=data.std, dtype=dtype)
   step = make_train_step(model_def, losses.from_config(config.loss), tx, schedule,
                          seed=config.seed, accum_steps=config.grad_accum_steps,
-                         finish_images=finish_images)
+                         finish_images=finish_images, ema_decay=config.ema.decay,
+                         ema_warmup=config.ema.warmup)
   state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
   repl = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh), repl),
@@ -439,6 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Model, optimizer, LMT states, evaluator: each checks its own config section.
   model_def = model_from_config(config, meta.num_labels)
   tx, schedule = make_optimizer(config, num_steps)
+  ema.check_config(config.ema)
   states_for = label_mask.training_states(config)
   evaluator = evaluate.Evaluator(model_def, config, mesh, source, workdir=workdir,
                                  writer=writer)
