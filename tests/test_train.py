@@ -179,13 +179,13 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_every_config_variant_has_exactly_the_default_keys_and_types():
   """A config file can only override keys of configs/default.py: a misspelt key in a config
   file would otherwise add a new key that nothing reads."""
-  from configs import coco, cub, folder, vg500, voc
+  from configs import coco, coco1000, cub, folder, vg500, voc
 
   reference = default.get_config()
   expected = {k: type(v) for k, v in flatten(reference).items()}
   variants = [(coco, v) for v in ("full", "tiny", "builtin")] + [
       (cub, None), (cub, "tiny"), (folder, None), (folder, "tiny"), (vg500, None),
-      (vg500, "tiny"), (voc, None), (voc, "tiny")]
+      (vg500, "tiny"), (voc, None), (voc, "tiny"), (coco1000, None), (coco1000, "tiny")]
   for module, variant in variants:
     config = module.get_config(variant) if variant else module.get_config()
     got = flatten(config)

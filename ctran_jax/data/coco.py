@@ -117,34 +117,46 @@ def _slim(obj: dict):
   return obj
 
 
-def parse_instances(data: bytes, source: str) -> list[tuple[int, str, np.ndarray]]:
-  """An ``instances_*.json`` → ``[(image id, file name, labels (80,) uint8)]`` by image id.
-
-  ``source`` names the file in error messages.
-  """
+def load_json(data: bytes, source: str, object_hook=None):
+  """``json.loads`` with errors as a ValueError naming ``source`` (a file in the zip)."""
   try:
-    doc = json.loads(data, object_hook=_slim)
+    return json.loads(data, object_hook=object_hook)
   except json.JSONDecodeError as e:
     raise ValueError(f"{source}: not valid JSON (line {e.lineno}, column {e.colno}: "
                      f"{e.msg}); re-download {ANNOTATIONS_ZIP}") from None
   except UnicodeDecodeError as e:
     raise ValueError(f"{source}: not a UTF-8 JSON file ({e})") from None
+
+
+def image_names(images, source: str) -> dict[int, str]:
+  """A COCO file's ``images`` list → {image id: file name} in file order, checked."""
+  names: dict[int, str] = {}
+  for image in images:
+    if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+      raise ValueError(f"{source}: image entry without 'id' and 'file_name': {image!r:.200}")
+    if not isinstance(image["id"], int):
+      raise ValueError(f"{source}: image id {image['id']!r} is not an integer")
+    if image["id"] in names:
+      raise ValueError(f"{source}: image id {image['id']} appears twice")
+    names[image["id"]] = str(image["file_name"])
+  return names
+
+
+def parse_instances(data: bytes, source: str) -> list[tuple[int, str, np.ndarray]]:
+  """An ``instances_*.json`` → ``[(image id, file name, labels (80,) uint8)]`` by image id.
+
+  ``source`` names the file in error messages.
+  """
+  doc = load_json(data, source, object_hook=_slim)
   if not isinstance(doc, dict) or not {"images", "annotations", "categories"} <= set(doc):
     raise ValueError(f"{source}: expected a COCO instances file with 'images', "
                      "'annotations' and 'categories'")
   _check_categories(doc["categories"], source)
   category_index = {cid: i for i, cid in enumerate(CATEGORY_IDS)}
 
-  image_index, files = {}, []
-  for image in doc["images"]:
-    if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
-      raise ValueError(f"{source}: image entry without 'id' and 'file_name': {image!r:.200}")
-    if not isinstance(image["id"], int):
-      raise ValueError(f"{source}: image id {image['id']!r} is not an integer")
-    if image["id"] in image_index:
-      raise ValueError(f"{source}: image id {image['id']} appears twice")
-    image_index[image["id"]] = len(files)
-    files.append(str(image["file_name"]))
+  names = image_names(doc["images"], source)
+  image_index = {image_id: row for row, image_id in enumerate(names)}
+  files = list(names.values())
   labels = np.zeros((len(files), NUM_LABELS), np.uint8)
   for ann in doc["annotations"]:
     if not isinstance(ann, _Annotation):
@@ -182,16 +194,17 @@ def _check_categories(categories, source: str) -> None:
 # ------------------------------------------------------------------------------ files
 
 
-def _annotation_files(manual_dir: epath.Path) -> files_lib.Files:
+def annotation_files(manual_dir: epath.Path) -> files_lib.Files:
   """The annotations zip when there is one, else the manual dir with the extracted JSONs
-  (both hold them as ``annotations/instances_<split>.json``)."""
+  (both hold them as ``annotations/{instances,captions}_<split>.json``; ctran_coco1000
+  reads the captions)."""
   zip_path = manual_dir / ANNOTATIONS_ZIP
   if zip_path.exists():
     return files_lib.Files(zip_path, url=URLS[ANNOTATIONS_ZIP])
   return files_lib.Files(manual_dir)
 
 
-def _image_files(manual_dir: epath.Path, split: str) -> files_lib.Files | None:
+def image_files(manual_dir: epath.Path, split: str) -> files_lib.Files | None:
   """A split's zip, else its folder (a folder may be a partial extraction), else None."""
   for path in (manual_dir / f"{split}.zip", manual_dir / split):
     if path.exists():
@@ -199,13 +212,48 @@ def _image_files(manual_dir: epath.Path, split: str) -> files_lib.Files | None:
   return None
 
 
-def _read_annotations(files: files_lib.Files, split: str) -> tuple[bytes, str]:
-  member = _instances_member(split)
+def read_annotation_file(files: files_lib.Files, member: str) -> tuple[bytes, str]:
+  """(bytes, description for messages) of ``annotations/<name>.json`` in the zip or folder."""
   try:
     return files.read(member), files.describe(member)
   except FileNotFoundError:
     raise FileNotFoundError(f"{files.path} has no member {member!r}; is it the original "
                             f"{ANNOTATIONS_ZIP} ({URLS[ANNOTATIONS_ZIP]})?") from None
+
+
+def missing_files(manual_dir: str, annotation_members) -> list[str]:
+  """One line per required file that ``manual_dir`` lacks: the two image zips (or folders)
+  and the annotations zip (or its extracted ``annotation_members``); [] when all are there."""
+  root = epath.Path(manual_dir)
+  missing = [f"{split}.zip (or folder {split}/): {URLS[split]}"
+             for split in SPLITS if image_files(root, split) is None]
+  annotations = annotation_files(root)
+  lacking = [] if annotations.is_zip else annotations.missing(annotation_members)
+  if lacking:
+    missing.append(f"{ANNOTATIONS_ZIP} (or {' and '.join(lacking)}): "
+                   f"{URLS[ANNOTATIONS_ZIP]}")
+  return missing
+
+
+def generate_examples(images: files_lib.Files, records) -> Iterator[tuple[int, dict]]:
+  """Keyed examples of ``records`` [(image id, file name, labels)], each with the image's
+  original bytes from ``images`` (a split's zip or folder); closes ``images``."""
+  with images:
+    # A zip holds the images under a folder (train2014/...): find them by base name.
+    members = None if images.is_folder else {
+        posixpath.basename(n): n for n in images.names()}
+    for image_id, file_name, labels in records:
+      try:
+        data = images.read(file_name if members is None
+                           else members[posixpath.basename(file_name)])
+      except (KeyError, FileNotFoundError):
+        raise FileNotFoundError(
+            f"{images.describe(file_name)} is missing (listed in the annotations); is the "
+            "folder completely extracted?" if members is None else
+            f"{images.path} has no image {file_name!r} (listed in the annotations); the zip "
+            "may be incomplete") from None
+      yield image_id, {"image": data, "labels": labels,
+                       "image/id": image_id, "image/filename": file_name}
 
 
 # ------------------------------------------------------------------------------ builder
@@ -228,15 +276,7 @@ class CtranCoco2014(tfds.core.GeneratorBasedBuilder):
   @classmethod
   def missing_manual_files(cls, manual_dir: str) -> list[str]:
     """One line per required file that ``manual_dir`` lacks; [] when all are there."""
-    root = epath.Path(manual_dir)
-    missing = [f"{split}.zip (or folder {split}/): {URLS[split]}"
-               for split in SPLITS if _image_files(root, split) is None]
-    annotations = _annotation_files(root)
-    lacking = [] if annotations.is_zip else annotations.missing(map(_instances_member, SPLITS))
-    if lacking:
-      missing.append(f"{ANNOTATIONS_ZIP} (or {' and '.join(lacking)}): "
-                     f"{URLS[ANNOTATIONS_ZIP]}")
-    return missing
+    return missing_files(manual_dir, [_instances_member(split) for split in SPLITS])
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -255,32 +295,17 @@ class CtranCoco2014(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     manual_dir = epath.Path(common.manual_dir(self, dl_manager))
     # Parse (and check) both annotation files before writing anything.
-    with _annotation_files(manual_dir) as annotations:
-      records = {split: parse_instances(*_read_annotations(annotations, split))
-                 for split in SPLITS}
+    with annotation_files(manual_dir) as annotations:
+      records = {split: parse_instances(*read_annotation_file(
+                     annotations, _instances_member(split))) for split in SPLITS}
     self.info.metadata["unlabelled_images"] = {
         split: int(sum(not labels.any() for _, _, labels in records[split]))
         for split in SPLITS}
-    return {split: self._generate_examples(_image_files(manual_dir, split), records[split])
+    return {split: self._generate_examples(image_files(manual_dir, split), records[split])
             for split in SPLITS}
 
   def _generate_examples(self, images: files_lib.Files, records) -> Iterator[tuple[int, dict]]:
-    with images:
-      # A zip holds the images under a folder (train2014/...): find them by base name.
-      members = None if images.is_folder else {
-          posixpath.basename(n): n for n in images.names()}
-      for image_id, file_name, labels in records:
-        try:
-          data = images.read(file_name if members is None
-                             else members[posixpath.basename(file_name)])
-        except (KeyError, FileNotFoundError):
-          raise FileNotFoundError(
-              f"{images.describe(file_name)} is missing (listed in the annotations); is the "
-              "folder completely extracted?" if members is None else
-              f"{images.path} has no image {file_name!r} (listed in the annotations); the zip "
-              "may be incomplete") from None
-        yield image_id, {"image": data, "labels": labels,
-                         "image/id": image_id, "image/filename": file_name}
+    return generate_examples(images, records)
 
 
 # ------------------------------------------------------------- builtin TFDS coco/2014

@@ -1,6 +1,7 @@
 r"""Prepare a dataset once, from its original files, into a TFDS data directory.
 
     python -m ctran_jax.data.prepare coco2014 --manual_dir=~/downloads/coco --data_dir=gs://b/tfds
+    python -m ctran_jax.data.prepare coco1000 --manual_dir=~/downloads/coco --data_dir=gs://b/tfds
     python -m ctran_jax.data.prepare cub --manual_dir=~/downloads --data_dir=~/tensorflow_datasets
     python -m ctran_jax.data.prepare --list          # datasets and the files each one needs
 
@@ -22,6 +23,7 @@ import time
 # Dataset short names -> TFDS builder names (ours are registered by importing ctran_jax.data).
 ALIASES = {
     "demo": "ctran_demo", "coco2014": "ctran_coco2014", "coco": "ctran_coco2014",
+    "coco1000": "ctran_coco1000",
     "cub": "ctran_cub", "vg500": "ctran_vg500", "vg": "ctran_vg500", "folder": "ctran_folder",
     "voc2007": "voc/2007", "voc": "voc/2007",
 }
@@ -60,7 +62,7 @@ def missing_files(name: str, manual_dir: str | None, builder_kwargs: dict | None
 
 def list_datasets() -> str:
   lines = []
-  for short in ("demo", "coco2014", "cub", "vg500", "folder", "voc"):
+  for short in ("demo", "coco2014", "coco1000", "cub", "vg500", "folder", "voc"):
     name = ALIASES[short]
     cls = _builder_class(name)
     instructions = " ".join((cls.MANUAL_DOWNLOAD_INSTRUCTIONS or
