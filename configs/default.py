@@ -70,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.reduction = "mean"         # "sum" (reference) or "mean" over the entries in the loss
   c.loss.labels = "unknown"         # entries in the loss: "unknown" (reference) or "all"
+  c.loss.name = "bce"               # per-entry loss: "bce" (reference), "asl" or "focal"
+  c.loss.gamma_neg = 0.0            # asl/focal: focusing exponent of negatives (ASL paper: 4)
+  c.loss.gamma_pos = 0.0            # asl/focal: of positives (ASL: 0; focal: = gamma_neg)
+  c.loss.clip = 0.0                 # asl: probability margin of negatives (ASL: 0.05);
+                                    # all three 0 for "bce", which refuses them
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"         # adam | adamw | sgd
