@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.name = "adam"         # adam | adamw | sgd
   c.optimizer.learning_rate = 3e-3
   c.optimizer.weight_decay = 0.0
+  c.optimizer.decay_mask = "kernels"  # weight decay on: "kernels" (Conv/Linear kernels; not
+                                    # biases, norms, embeddings) or "all" (torch's)
   c.optimizer.momentum = 0.9        # sgd only
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
@@ -87,11 +89,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 0.0  # 0: no clipping (reference)
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "cosine"        # constant | plateau | cosine
+  c.schedule.name = "cosine"        # constant | plateau | cosine | onecycle
   c.schedule.warmup_steps = 100
   c.schedule.end_fraction = 0.05    # cosine: final lr = end_fraction * learning_rate
   c.schedule.plateau_factor = 0.1   # plateau: lr *= factor after `patience` evaluations
   c.schedule.plateau_patience = 5   # without a lower validation loss (reference: per epoch)
+  c.schedule.pct_start = 0.3        # onecycle: share of the steps rising to learning_rate
+  c.schedule.div_factor = 25.0      # onecycle: starts at learning_rate / div_factor
+  c.schedule.final_div_factor = 1e4  # onecycle: ends at start / final_div_factor
 
   c.nan_policy = "stop"             # a non-finite loss/gradient: "stop" the run, or "skip"
   c.max_consecutive_nonfinite = 20  # "skip": stop after this many non-finite steps in a row
