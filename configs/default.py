@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.scale_size = 72            # train: resize, random crop, resize; test: resize, centre crop
   c.data.crop_sizes = (72, 64, 56)
   c.data.flip = True
+  c.data.randaugment_n = 0          # RandAugment: ops per train image (0: off, reference)
+  c.data.randaugment_m = 9.0        # its magnitude, 0..10 (0: every op is the identity)
+  c.data.cutout = 0.0               # Cutout: probability of erasing one square (0: off)
+  c.data.cutout_size = 0.5          # its side, a fraction of image_size; filled with `mean`
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   c.data.shuffle_buffer = 4096

@@ -155,6 +155,8 @@ TRAJECTORY_KEYS = ("seed", "batch_size", "grad_accum_steps", "num_train_steps", 
                    "optimizer", "schedule", "loss", "lmt", "nan_policy", "data.name",
                    "data.train_split", "data.transform", "data.image_size", "data.scale_size",
                    "data.crop_sizes", "data.flip", "data.mean", "data.std",
+                   "data.randaugment_n", "data.randaugment_m", "data.cutout",
+                   "data.cutout_size",
                    "data.resize_on_device", "model.bn_mode", "model.dtype", "model.init_from")
 
 
