@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.scale_size = 72            # train: resize, random crop, resize; test: resize, centre crop
   c.data.crop_sizes = (72, 64, 56)
   c.data.flip = True
+  c.data.randaugment_n = 0          # RandAugment: ops per train image (0: off, reference)
+  c.data.randaugment_m = 9.0        # its magnitude, 0..10 (0: every op is the identity)
+  c.data.cutout = 0.0               # Cutout: probability of erasing one square (0: off)
+  c.data.cutout_size = 0.5          # its side, a fraction of image_size; filled with `mean`
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   c.data.shuffle_buffer = 4096
@@ -70,11 +74,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.reduction = "mean"         # "sum" (reference) or "mean" over the entries in the loss
   c.loss.labels = "unknown"         # entries in the loss: "unknown" (reference) or "all"
+  c.loss.name = "bce"               # per-entry loss: "bce" (reference), "asl" or "focal"
+  c.loss.gamma_neg = 0.0            # asl/focal: focusing exponent of negatives (ASL paper: 4)
+  c.loss.gamma_pos = 0.0            # asl/focal: of positives (ASL: 0; focal: = gamma_neg)
+  c.loss.clip = 0.0                 # asl: probability margin of negatives (ASL: 0.05);
+                                    # all three 0 for "bce", which refuses them
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"         # adam | adamw | sgd
   c.optimizer.learning_rate = 3e-3
   c.optimizer.weight_decay = 0.0
+  c.optimizer.decay_mask = "kernels"  # weight decay on: "kernels" (Conv/Linear kernels; not
+                                    # biases, norms, embeddings) or "all" (torch's)
   c.optimizer.momentum = 0.9        # sgd only
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
@@ -82,11 +93,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 0.0  # 0: no clipping (reference)
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "cosine"        # constant | plateau | cosine
+  c.schedule.name = "cosine"        # constant | plateau | cosine | onecycle
   c.schedule.warmup_steps = 100
   c.schedule.end_fraction = 0.05    # cosine: final lr = end_fraction * learning_rate
   c.schedule.plateau_factor = 0.1   # plateau: lr *= factor after `patience` evaluations
   c.schedule.plateau_patience = 5   # without a lower validation loss (reference: per epoch)
+  c.schedule.pct_start = 0.3        # onecycle: share of the steps rising to learning_rate
+  c.schedule.div_factor = 25.0      # onecycle: starts at learning_rate / div_factor
+  c.schedule.final_div_factor = 1e4  # onecycle: ends at start / final_div_factor
 
   c.ema = ml_collections.ConfigDict()
   c.ema.decay = 0.0                 # EMA of the weights, e.g. 0.9997 (0: off, reference)

@@ -156,8 +156,9 @@ TRAJECTORY_KEYS = ("seed", "batch_size", "grad_accum_steps", "num_train_steps", 
                    "nan_policy", "data.name",
                    "data.train_split", "data.transform", "data.image_size", "data.scale_size",
                    "data.crop_sizes", "data.flip", "data.mean", "data.std",
-                   "data.resize_on_device", "data.on_bad_example", "model.bn_mode",
-                   "model.dtype", "model.init_from")
+                   "data.randaugment_n", "data.randaugment_m", "data.cutout",
+                   "data.cutout_size", "data.resize_on_device", "data.on_bad_example",
+                   "model.bn_mode", "model.dtype", "model.init_from")
 
 
 def trajectory_settings(config) -> dict:

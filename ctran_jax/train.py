@@ -50,7 +50,8 @@ from ctran_jax.config_util import check_choice
 from ctran_jax.data import pipeline
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "plateau", "cosine")
+SCHEDULES = ("constant", "plateau", "cosine", "onecycle")
+DECAY_MASKS = ("kernels", "all")
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -84,37 +85,66 @@ def model_from_config(config, num_labels: int) -> model_store.ModelDef:
 
 
 def learning_rate_schedule(config, num_train_steps: int) -> optax.Schedule:
-  """Warm-up then constant (constant, plateau) or cosine decay to end_fraction * lr."""
-  check_choice("schedule.name", config.schedule.name, SCHEDULES)
-  lr, warmup = config.optimizer.learning_rate, config.schedule.warmup_steps
-  if config.schedule.name == "cosine":
+  """Warm-up then constant (constant, plateau) or cosine decay to end_fraction * lr; or
+  one-cycle (`optax.cosine_onecycle_schedule`, torch's OneCycleLR with cosine annealing):
+  over num_train_steps, cosine from lr / div_factor up to lr (optimizer.learning_rate) in
+  the first pct_start of the steps, then cosine down to lr / (div_factor *
+  final_div_factor). One-cycle has its own warm-up: schedule.warmup_steps is not used."""
+  s = config.schedule
+  check_choice("schedule.name", s.name, SCHEDULES)
+  lr, warmup = config.optimizer.learning_rate, s.warmup_steps
+  if s.name == "onecycle":
+    if not 0 < s.pct_start < 1 or s.div_factor < 1 or s.final_div_factor < 1:
+      raise ValueError(f"config.schedule: onecycle needs 0 < pct_start < 1, div_factor >= 1 "
+                       f"and final_div_factor >= 1, got pct_start={s.pct_start}, "
+                       f"div_factor={s.div_factor}, final_div_factor={s.final_div_factor}")
+    return optax.cosine_onecycle_schedule(max(num_train_steps, 2), lr, s.pct_start,
+                                          s.div_factor, s.final_div_factor)
+  if s.name == "cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup, max(num_train_steps, warmup + 1),
-        end_value=lr * config.schedule.end_fraction)
+        0.0, lr, warmup, max(num_train_steps, warmup + 1), end_value=lr * s.end_fraction)
   if warmup:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
                                  optax.constant_schedule(lr)], [warmup])
   return optax.constant_schedule(lr)
 
 
+def kernel_mask(params):
+  """True for the leaves weight decay applies to under ``optimizer.decay_mask="kernels"``:
+  the ``kernel`` of every Conv / Linear layer (and of the label-wise head); False for
+  biases, norm scales, embeddings (label and state tables) and anything else."""
+  def is_kernel(path, _):
+    names = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    if names and names[-1] == "value":  # an nnx.Variable's own leaf
+      names = names[:-1]
+    return bool(names) and names[-1] == "kernel"
+
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
 def make_optimizer(config, num_train_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule): Adam (reference: no weight decay), AdamW, or SGD with momentum;
   optional clipping. Weight decay for adam/sgd is the coupled L2 of torch's optimizers;
-  adamw's is decoupled."""
+  adamw's is decoupled. ``optimizer.decay_mask`` says which parameters decay, for all
+  three: "kernels" (`kernel_mask`: Conv/Linear kernels only) or "all" (torch's
+  ``weight_decay`` over ``model.parameters()``)."""
   o = config.optimizer
   check_choice("optimizer.name", o.name, OPTIMIZERS)
+  check_choice("optimizer.decay_mask", o.decay_mask, DECAY_MASKS)
   if o.learning_rate <= 0:
     raise ValueError(f"config.optimizer.learning_rate={o.learning_rate}; expected > 0")
   schedule = learning_rate_schedule(config, num_train_steps)
+  mask = kernel_mask if o.decay_mask == "kernels" else None
   if o.name == "adam":
     base = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
     if o.weight_decay:
-      base = optax.chain(optax.add_decayed_weights(o.weight_decay), base)
+      base = optax.chain(optax.add_decayed_weights(o.weight_decay, mask), base)
   elif o.name == "adamw":
-    base = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    base = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=mask)
   else:
-    base = optax.chain(optax.add_decayed_weights(o.weight_decay),
+    base = optax.chain(optax.add_decayed_weights(o.weight_decay, mask),
                        optax.sgd(schedule, momentum=o.momentum))
   if o.grad_clip_norm:
     base = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), base)

@@ -29,7 +29,9 @@ COCO/VOC/VG transforms: train: a square of a size drawn from ``crop_sizes`` at a
 position of the image resized to ``scale_size``, resized to ``image_size``, flipped;
 eval: resize to ``scale_size``, centre crop ``image_size``) or "cub" (the reference's CUB
 transforms: train colour jitter -> random-resized crop to ``image_size`` -> flip; eval
-centre crop of ``image_size`` without resizing, zero padding smaller images).
+centre crop of ``image_size`` without resizing, zero padding smaller images). Both train
+transforms end with optional RandAugment and Cutout (``data.randaugment_n``,
+``data.cutout``; off by default and in the reference; `randaugment`), keyed per example.
 ``data.resize_on_device`` needs a transform with a device path ("ctran"): train batches
 then carry the decoded crop (uint8, in a ``canvas_size`` square) + its size + flip, and the
 train step resizes, mirrors and normalises on the accelerator (`ctran_jax.augment`), so
@@ -64,6 +66,7 @@ import tensorflow_datasets as tfds
 from ctran_jax.data import (
   adapters,
   demo,  # noqa: F401  (registers ctran_demo with TFDS)
+  randaugment,
 )
 
 try:  # TF only feeds the host; the accelerators belong to JAX.
@@ -302,8 +305,16 @@ def decode_crop(image, seed, data_config):
   return patch, flip
 
 
+def _finish_train_image(pixels, key, data_config) -> tf.Tensor:
+  """RandAugment, normalisation, Cutout: the end of every train transform (`randaugment`;
+  with both off, the normalised pixels)."""
+  pixels = randaugment.augment_pixels(pixels, key, data_config)
+  return randaugment.cutout_normalised(_normalise(pixels, data_config), key, data_config)
+
+
 def ctran_train_image(image, seed, data_config) -> tf.Tensor:
-  """The reference's train transform (resize to scale, random crop, resize, flip), fused.
+  """The reference's train transform (resize to scale, random crop, resize, flip), fused;
+  then RandAugment and Cutout when configured (`randaugment`; off in the reference).
 
   The crop window is decoded at original resolution (`decode_crop`) and resized once to
   image_size: one bilinear resize of the crop instead of two (reference: PIL resize, crop,
@@ -317,7 +328,7 @@ def ctran_train_image(image, seed, data_config) -> tf.Tensor:
                   lambda: tf.image.resize(patch, (size, size), antialias=True),
                   lambda: tf.image.resize(patch, (size, size)))
   patch = tf.cond(flip, lambda: tf.reverse(patch, [1]), lambda: patch)
-  return _normalise(patch, data_config)
+  return _finish_train_image(patch, seed, data_config)
 
 
 def canvas_size(data_config) -> int:
@@ -354,7 +365,8 @@ def centre_crop(image, data_config) -> tf.Tensor:
 
 
 def cub_train_image(image, key, data_config) -> tf.Tensor:
-  """The reference's CUB train transform: colour jitter -> random-resized crop -> flip.
+  """The reference's CUB train transform: colour jitter -> random-resized crop -> flip;
+  then RandAugment and Cutout when configured (`randaugment`; off in the reference).
 
   Colour jitter: brightness factor ~ U[1 - 32/255, 1 + 32/255], then saturation factor
   ~ U[0.5, 1.5] (torchvision draws the order of the two at random; a fixed order is a
@@ -378,7 +390,7 @@ def cub_train_image(image, key, data_config) -> tf.Tensor:
   if data_config.flip:
     image = tf.where(tf.random.stateless_uniform([], keys[3]) < 0.5,
                      tf.image.flip_left_right(image), image)
-  return _normalise(image * 255.0, data_config)
+  return _finish_train_image(image * 255.0, key, data_config)
 
 
 def cub_eval_image(image, data_config) -> tf.Tensor:
@@ -436,6 +448,7 @@ def check_transform(data_config) -> None:
     raise ValueError(f"config.data.resize_on_device needs config.data.transform="
                      f"{with_device_path}")
   transform.check(data_config)
+  randaugment.check(data_config)
   if len(data_config.mean) != 3 or len(data_config.std) != 3 or min(data_config.std) <= 0:
     raise ValueError(f"mean/std need 3 channels and std > 0, got {data_config.mean}, "
                      f"{data_config.std}")
