@@ -206,9 +206,6 @@ CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-sh
 
 @pytest.fixture
 def browser(tmp_path):
-  if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("no chromium / chromedriver on PATH: `apt-get install -y chromium "
-                "chromium-driver` (Debian) to run the browser test")
   webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
@@ -222,6 +219,9 @@ def browser(tmp_path):
     driver.quit()
 
 
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="no chromium / chromedriver on PATH: `apt-get install -y chromium "
+                    "chromium-driver` (Debian) to run the browser test")
 def test_page_in_a_real_browser(browser, service, images, tmp_path):
   import httpx2
   from selenium.webdriver.common.action_chains import ActionChains
