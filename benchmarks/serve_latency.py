@@ -108,7 +108,7 @@ def main():
       ids.append(uploaded["id"])
 
     def toggle(i):
-      post("/api/predict", json={"id": ids[i], "known": {labels[i % len(labels)]: i % 2}})
+      post("/api/predict", json={"id": ids[-1], "known": {labels[i % len(labels)]: i % 2}})
 
     def api(i):
       post("/predict", files={"image": images[args.repeats + i]},
