@@ -189,17 +189,28 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 def read_image(path: str) -> np.ndarray:
   """The image as uint8 RGB (H, W, 3), EXIF orientation applied; ValueError if unreadable."""
-  from PIL import Image, ImageOps, UnidentifiedImageError
-
   try:
     with open(path, "rb") as f:
       data = f.read()
+  except FileNotFoundError:
+    raise ValueError("no such file") from None
+  except OSError as e:
+    raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
+  return decode_image(data)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """The encoded image `data` as uint8 RGB (H, W, 3), EXIF orientation applied; ValueError
+  if it is not a readable image (or a decompression bomb: over twice PIL's pixel limit)."""
+  from PIL import Image, ImageOps, UnidentifiedImageError
+
+  try:
     with Image.open(io.BytesIO(data)) as image:
       image = ImageOps.exif_transpose(image)
       return np.asarray(image.convert("RGB"), np.uint8)
-  except FileNotFoundError:
-    raise ValueError("no such file") from None
-  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+  except UnidentifiedImageError:
+    raise ValueError("not a readable image (not a format PIL recognises)") from None
+  except (Image.DecompressionBombError, OSError, SyntaxError) as e:
     raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
 
 
