@@ -53,6 +53,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
 
   c.lmt.num_maskable = NUM_CONCEPTS
   c.lmt.max_known_fraction = 0.75
+  c.lmt.all_unknown_fraction = 0.0  # the reference's mask law and loss (the demo's default
+  c.loss.labels = "unknown"         # differs: docs/benchmarks.md, "What LMT costs")
   c.loss.reduction = "mean"
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 2e-4

@@ -183,7 +183,7 @@ def test_every_config_variant_has_exactly_the_default_keys_and_types():
 
   reference = default.get_config()
   expected = {k: type(v) for k, v in flatten(reference).items()}
-  variants = [(coco, v) for v in ("full", "tiny", "builtin")] + [
+  variants = [(coco, v) for v in ("full", "tiny", "builtin", "modern")] + [(default, "modern"),
       (cub, None), (cub, "tiny"), (folder, None), (folder, "tiny"), (vg500, None),
       (vg500, "tiny"), (voc, None), (voc, "tiny"), (coco1000, None), (coco1000, "tiny")]
   for module, variant in variants:
@@ -195,6 +195,33 @@ def test_every_config_variant_has_exactly_the_default_keys_and_types():
       if value is not None and reference_value(reference, key) is not None:
         assert isinstance(value, expected[key]) or (
             expected[key] is float and isinstance(value, int)), (module.__name__, key, value)
+
+
+def test_the_demo_shows_half_its_examples_no_label_and_faithful_configs_keep_the_reference():
+  """The demo's LMT default is the mixture that costs nothing at 0 % known (issue 17); the
+  paper's recipes keep the reference's mask law and loss on unknown labels."""
+  from configs import coco, coco1000, cub, vg500, voc
+
+  demo = default.get_config()
+  assert (demo.lmt.all_unknown_fraction, demo.loss.labels) == (0.5, "all")
+  for module in (coco, coco1000, cub, vg500, voc):
+    c = module.get_config()
+    assert (c.lmt.all_unknown_fraction, c.loss.labels) == (0.0, "unknown"), module.__name__
+
+
+def test_modern_variants_switch_on_every_part_and_pass_the_checks():
+  from configs import coco
+
+  for config, lr in ((default.get_config("modern"), 3e-3), (coco.get_config("modern"), 1e-4)):
+    train.check_config(config)
+    assert (config.loss.name, config.loss.gamma_neg, config.loss.clip) == ("asl", 4.0, 0.05)
+    assert config.ema.decay == 0.9997 and config.data.randaugment_n == 2
+    assert config.data.cutout == 0.5 and config.schedule.name == "onecycle"
+    assert (config.optimizer.name, config.optimizer.learning_rate) == ("adamw", lr)
+    assert config.model.use_lmt and config.lmt.all_unknown_fraction == 0.5
+  assert coco.get_config("modern").model.dtype == "bfloat16"
+  with pytest.raises(ValueError, match="variant must be"):
+    default.get_config("modren")
 
 
 def flatten(config, prefix=""):
