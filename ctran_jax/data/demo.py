@@ -275,7 +275,8 @@ class CtranDemo(tfds.core.GeneratorBasedBuilder):
 def write_images(out: str, *, split: str = "test", count: int = 4, config: str = "default"
                  ) -> list[tuple[str, list[str]]]:
   """Render the first `count` examples of a split as PNG files (the same pixels the dataset
-  holds); returns (path, label names) per image. For trying `ctran_jax.predict`."""
+  holds); returns (path, label names) per image. For trying `ctran_jax.predict`
+  (command line: ``python -m ctran_jax.data.demo_images``)."""
   import os
 
   from PIL import Image
@@ -291,15 +292,3 @@ def write_images(out: str, *, split: str = "test", count: int = 4, config: str =
     written.append((path, [LABEL_NAMES[i] for i in np.flatnonzero(example["labels"])]))
   return written
 
-
-if __name__ == "__main__":
-  import argparse
-
-  parser = argparse.ArgumentParser(prog="python -m ctran_jax.data.demo",
-                                   description="Write demo images as PNG files.")
-  parser.add_argument("--write_images", required=True, metavar="DIR")
-  parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
-  parser.add_argument("--count", type=int, default=4)
-  args = parser.parse_args()
-  for path, names in write_images(args.write_images, split=args.split, count=args.count):
-    print(f"{path}  (true labels: {', '.join(names)})")
