@@ -190,7 +190,7 @@ def main(argv=None):
                             f"--workdir={os.path.dirname(exported)}", f"--out={exported}"],
                            cwd=REPO, check=True)
         start = time.perf_counter()
-        with open(os.path.join(workdir, "log.txt"), "a") as log:
+        with open(os.path.join(workdir, "console.txt"), "a") as log:  # log.txt is the trainer's
           status = subprocess.run(command, cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT).returncode
         print(f"  {cell} seed {seed}: exit {status}, {time.perf_counter() - start:.0f} s",
