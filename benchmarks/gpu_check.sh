@@ -28,8 +28,8 @@ for n in env parity train torch; do rm -f "$OUT/$n.json" "$OUT/$n.rc"; done
 TINY=()
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then TINY=(--tiny); fi
 # Seconds per section; the sum (with imports) stays under 8 minutes.
-LIMIT_ENV=${LIMIT_ENV:-30} LIMIT_PARITY=${LIMIT_PARITY:-90}
-LIMIT_TRAIN=${LIMIT_TRAIN:-270} LIMIT_TORCH=${LIMIT_TORCH:-80}
+LIMIT_ENV=${LIMIT_ENV:-20} LIMIT_PARITY=${LIMIT_PARITY:-80}
+LIMIT_TRAIN=${LIMIT_TRAIN:-290} LIMIT_TORCH=${LIMIT_TORCH:-70}
 
 SECTIONS=" ${GPU_CHECK_SECTIONS:-env parity train torch} "
 
