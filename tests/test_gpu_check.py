@@ -26,7 +26,8 @@ def run_check(tmp_path, sections, **env):
       ["bash", SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=900,
       env={**ENV, "GPU_CHECK_TINY": "1", "GPU_CHECK_SECTIONS": sections,
            "OUT": str(out), "PYTHON": sys.executable, "TORCH_PYTHON": sys.executable,
-           "PYTHONPATH": "", "LIMIT_PARITY": "900", "LIMIT_TRAIN": "900", **env})
+           "PYTHONPATH": "", "LIMIT_ENV": "600", "LIMIT_PARITY": "900", "LIMIT_TRAIN": "900",
+           **env})
   logs = "".join(f"\n--- {p.name}\n{p.read_text()}" for p in sorted(out.glob("*.log")))
   assert proc.returncode == 0, proc.stdout + proc.stderr + logs
   with open(out / "gpu_check.json") as f:
