@@ -1,12 +1,16 @@
 """Model cost table: compile time, forward and train-step time, XLA memory analysis.
 
     python benchmarks/model_step.py                 # C-Tran-R101 224^2 b2 and a tiny config
-    python benchmarks/model_step.py --only tiny --steps 20
+    python benchmarks/model_step.py --only tiny-64-b8 --steps 20
+    python benchmarks/model_step.py --only r101-576-b16 --dtypes float32,bfloat16 \
+        --remats none,encoder --no-forward                       # a GPU's train rows
 
 Numbers are per call after compilation (median of --steps runs), on whatever device JAX
 picks. A train step is forward + backward + Adam update of every parameter, BatchNorm in
 train mode and dropout on, as in reference training. Never asserted in tests: timings on
-shared CPUs are noisy; compare rows of one run.
+shared CPUs are noisy; compare rows of one run. Imports only the model modules (no
+TensorFlow, ml_collections or clu), so it runs where only jax/flax/optax are installed
+(benchmarks/gpu_check.sh uses it).
 """
 
 from __future__ import annotations
@@ -23,20 +27,23 @@ from flax import nnx
 
 from ctran_jax.losses import masked_bce
 from ctran_jax.models import CTran
+from ctran_jax.models.remat import set_remat
 
 CONFIGS = {
     "r101-224-b2": dict(num_labels=80, image_size=224, batch=2, model=dict(backbone_depth=101)),
+    "r101-576-b16": dict(num_labels=80, image_size=576, batch=16,
+                         model=dict(backbone_depth=101)),
     "tiny-64-b8": dict(num_labels=16, image_size=64, batch=8, model=dict(
         backbone_depth=0, backbone_width=8, backbone_stage_sizes=(1, 1, 1, 1),
         backbone_block="bottleneck", hidden=64, heads=4, layers=2)),
 }
 
 
-def build(num_labels, model_kwargs, dtype):
+def build(num_labels, model_kwargs, dtype, remat="none"):
   make = lambda: CTran(num_labels, **model_kwargs, dtype=dtype, rngs=nnx.Rngs(0))  # noqa: E731
   graphdef, _ = nnx.split(nnx.eval_shape(make))
   state = jax.jit(lambda: nnx.state(make()))()  # one compiled init, not op-by-op
-  return nnx.merge(graphdef, state)
+  return set_remat(nnx.merge(graphdef, state), remat)
 
 
 def timed(fn, *args, steps):
@@ -55,8 +62,11 @@ def timed(fn, *args, steps):
   return compile_s, statistics.median(times), temp
 
 
-def measure(name, spec, dtype, steps):
-  model = build(spec["num_labels"], spec["model"], dtype)
+def measure(name, spec, dtype, steps, remat="none", forward=True, batch=None):
+  """Times the forward (when `forward`) and the train step of config `spec`; `batch`
+  overrides its batch size. Returns the numbers as a dict (fwd: None when not timed)."""
+  spec = dict(spec, batch=batch or spec["batch"])
+  model = build(spec["num_labels"], spec["model"], dtype, remat)
   b, s, n = spec["batch"], spec["image_size"], spec["num_labels"]
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((b, s, s, 3)), jnp.float32)
@@ -66,7 +76,7 @@ def measure(name, spec, dtype, steps):
   model.eval()
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, x, st: nnx.merge(graphdef, state)(x, st))
-  fwd = timed(forward, state, images, states, steps=steps)
+  fwd = timed(forward, state, images, states, steps=steps) if forward else None
 
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -83,8 +93,8 @@ def measure(name, spec, dtype, steps):
   step = jax.jit(train_step)
   trn = timed(step, params, rest, opt_state, images, states, labels, steps=steps)
   n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-  return dict(name=name, dtype=jnp.dtype(dtype).name, params=n_params, fwd=fwd, train=trn,
-              batch=b)
+  return dict(name=name, dtype=jnp.dtype(dtype).name, remat=remat, params=n_params, fwd=fwd,
+              train=trn, batch=b, image_size=s)
 
 
 def main():
@@ -92,6 +102,9 @@ def main():
   parser.add_argument("--only", choices=sorted(CONFIGS), action="append")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--dtypes", default="float32", help="comma list: float32,bfloat16")
+  parser.add_argument("--remats", default="none", help="comma list of none,backbone,encoder,all")
+  parser.add_argument("--no-forward", action="store_true", help="time the train step only")
+  parser.add_argument("--batch", type=int, help="override the configs' batch size")
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, "
@@ -100,13 +113,17 @@ def main():
             f"{'fwd temp':>9} | {'step compile':>12} {'step':>9} {'img/s':>7} {'step temp':>9}")
   print(header)
   print("-" * len(header))
-  for name in args.only or CONFIGS:
+  default = [n for n in CONFIGS if n != "r101-576-b16"]  # 576^2: ask for it (GPU)
+  for name in args.only or default:
     for dtype in args.dtypes.split(","):
-      r = measure(name, CONFIGS[name], jnp.dtype(dtype), args.steps)
-      (fc, ft, fm), (tc, tt, tm) = r["fwd"], r["train"]
-      print(f"{name:<13} {r['dtype']:<8} {r['params']:>11,} | {fc:>10.1f}s {ft * 1e3:>7.0f}ms "
-            f"{fm / 2**20:>7.0f}MB | {tc:>11.1f}s {tt * 1e3:>7.0f}ms {r['batch'] / tt:>7.1f} "
-            f"{tm / 2**20:>7.0f}MB", flush=True)
+      for remat in args.remats.split(","):
+        r = measure(name, CONFIGS[name], jnp.dtype(dtype), args.steps, remat=remat,
+                    forward=not args.no_forward, batch=args.batch)
+        (fc, ft, fm), (tc, tt, tm) = r["fwd"] or (float("nan"),) * 3, r["train"]
+        label = name if remat == "none" else f"{name}/{remat}"
+        print(f"{label:<13} {r['dtype']:<8} {r['params']:>11,} | {fc:>10.1f}s "
+              f"{ft * 1e3:>7.0f}ms {fm / 2**20:>7.0f}MB | {tc:>11.1f}s {tt * 1e3:>7.0f}ms "
+              f"{r['batch'] / tt:>7.1f} {tm / 2**20:>7.0f}MB", flush=True)
 
 
 if __name__ == "__main__":
