@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO, TINY_RUN, write_config_file
 
 from ctran_jax import console, main
@@ -52,6 +53,7 @@ def test_console_of_a_three_evaluation_run(tmp_path):
   assert "config:\n" in log and "step 12/12" in log and len(log.splitlines()) > len(lines)
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_verbose_brings_back_the_full_log(tmp_path, demo_data_dir):
   config = write_config_file(tmp_path / "tiny.py", **{
       **TINY_RUN, "data.data_dir": demo_data_dir, "num_train_steps": 1, "eval_every_steps": 1,

@@ -289,6 +289,7 @@ def test_prepare_lists_and_builds_coco1000(tmp_path, capsys):
 # ---------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # CI time (the COCO recipe trains in test_data_coco); run with -m slow
 def test_coco1000_recipe_trains_and_evaluates_partial_labels(coco1000_zip, tmp_path):
   from configs import coco1000 as coco1000_config
   from ctran_jax import train

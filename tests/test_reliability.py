@@ -90,7 +90,8 @@ def uninterrupted(config_file, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- stop signals
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_stop_signal_saves_exits_zero_and_the_rerun_ends_the_same(
     config_file, uninterrupted, tmp_path, sig):
   workdir = str(tmp_path / "run")
@@ -113,6 +114,7 @@ def test_a_stop_signal_saves_exits_zero_and_the_rerun_ends_the_same(
   assert len(entries) == len(set(entries)), entries  # no duplicate after the resume
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_a_second_ctrl_c_stops_at_once(config_file, tmp_path):
   process = start(config_file, str(tmp_path / "run"))
   wait_for(process, r"step +3/24")
@@ -297,6 +299,7 @@ def test_nan_skip_policy_skips_and_counts(demo_data_dir, tmp_path, monkeypatch, 
   assert bool(resilience.all_finite(result["state"]["params"]))
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_too_many_non_finite_steps_in_a_row_stop_the_skip_policy(demo_data_dir, tmp_path,
                                                                  monkeypatch):
   def always_nan(source, **kwargs):
