@@ -37,6 +37,8 @@ KNOWN_NOISE = (
     "Variant folder ",
     # jax looking for TPUs on a machine without them.
     "Unable to initialize backend 'tpu'",
+    # orbax reading only some items of a checkpoint (export, predict from a workdir).
+    'Item "{path}" was found in the checkpoint, but could not be restored',
 )
 # Our own INFO lines that belong in log.txt only (the whole config).
 FILE_ONLY = ("config:\n", "traceback:\n")
@@ -64,6 +66,16 @@ def quiet_native_stderr():
               if line.strip() and not any(p.search(line) for p in NATIVE_NOISE)]
       if kept:
         print("\n".join(kept), file=sys.stderr, flush=True)
+
+
+def quiet_tool() -> None:
+  """For the command-line tools other than main (predict, export_model, serve, serving):
+  TensorFlow's start-up lines and `KNOWN_NOISE` dropped; every other warning kept."""
+  with quiet_native_stderr():
+    import tensorflow  # noqa: F401  (imported here so that its start-up lines are captured)
+  absl_logger = std_logging.getLogger("absl")
+  if not any(isinstance(f, _ConsoleFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_ConsoleFilter())
 
 
 class _ConsoleFilter(std_logging.Filter):

@@ -87,6 +87,9 @@ def main(argv=None) -> int:
                       "fitted thresholds), best or a checkpoint step directory")
   parser.add_argument("--out", required=True, help="the model directory to write (new)")
   args = parser.parse_args(argv)
+  from ctran_jax import console
+
+  console.quiet_tool()
   from ctran_jax import checkpoint
 
   try:

@@ -374,6 +374,9 @@ def _unique_stem(path: str, paths: list[str]) -> str:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  from ctran_jax import console
+
+  console.quiet_tool()
   try:
     if bool(args.model) == bool(args.workdir):
       raise ValueError("give --model=DIR (from export_model) or --workdir=W, not both")

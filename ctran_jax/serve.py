@@ -418,6 +418,9 @@ def build(args) -> Service:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  from ctran_jax import console
+
+  console.quiet_tool()
   try:
     if not 0 <= args.port < 65536:
       raise ValueError(f"--port={args.port}; expected 0..65535")

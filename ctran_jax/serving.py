@@ -274,6 +274,9 @@ def main(argv=None) -> int:
   parser.add_argument("--no_saved_model", action="store_true",
                       help="write only the jax.export artefacts (no TensorFlow needed)")
   args = parser.parse_args(argv)
+  from ctran_jax import console
+
+  console.quiet_tool()
   try:
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     meta = export(args.model, args.out, platforms=platforms,
