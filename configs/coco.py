@@ -33,9 +33,9 @@ the demo dataset, so the recipe's code paths run in CI.
 The ``modern`` variant is the modern multi-label recipe with C-Tran's label-mask training
 (`default.modernise`): ASL (gamma- 4, gamma+ 0, clip 0.05), EMA 0.9997, RandAugment 2/9 +
 Cutout 0.5, one-cycle AdamW (peak lr 1e-4, weight decay 1e-4 on kernels), bfloat16, 576^2,
-LMT with half the examples shown no label and the loss on all labels; batch 64, 40 epochs
-(our choice; Q2L/ASL train 40-80). Expected result: unmeasured (ASL reports 86.6 and
-Q2L 86.5 mAP at ResNet-101 / 448-576^2 without LMT; C-Tran 85.1).
+LMT with 75 % of the examples shown no label and the loss on all labels; batch 64, 40 epochs
+(our choice). Expected result: unmeasured (for scale: Query2Label reports 86.5 mAP with
+ResNet-101 at 576^2, without LMT; C-Tran 85.1).
 """
 
 import ml_collections

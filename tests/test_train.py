@@ -203,7 +203,7 @@ def test_the_demo_shows_half_its_examples_no_label_and_faithful_configs_keep_the
   from configs import coco, coco1000, cub, vg500, voc
 
   demo = default.get_config()
-  assert (demo.lmt.all_unknown_fraction, demo.loss.labels) == (0.5, "all")
+  assert (demo.lmt.all_unknown_fraction, demo.loss.labels) == (0.75, "all")
   for module in (coco, coco1000, cub, vg500, voc):
     c = module.get_config()
     assert (c.lmt.all_unknown_fraction, c.loss.labels) == (0.0, "unknown"), module.__name__
@@ -218,7 +218,7 @@ def test_modern_variants_switch_on_every_part_and_pass_the_checks():
     assert config.ema.decay == 0.9997 and config.data.randaugment_n == 2
     assert config.data.cutout == 0.5 and config.schedule.name == "onecycle"
     assert (config.optimizer.name, config.optimizer.learning_rate) == ("adamw", lr)
-    assert config.model.use_lmt and config.lmt.all_unknown_fraction == 0.5
+    assert config.model.use_lmt and config.lmt.all_unknown_fraction == 0.75
   assert coco.get_config("modern").model.dtype == "bfloat16"
   with pytest.raises(ValueError, match="variant must be"):
     default.get_config("modren")
