@@ -37,6 +37,7 @@ class StopRequest:
 
   def __init__(self):
     self.signal_name = None
+    self._unreported = False
     self._multi = jax.process_count() > 1
     self._previous = {}
 
@@ -54,17 +55,21 @@ class StopRequest:
     self._previous = {}
 
   def _handle(self, signum, frame):
+    # No logging here: the handler may interrupt a log call of the main thread, and
+    # logging's stream is not re-entrant. `should_stop` reports the signal.
     name = signal.Signals(signum).name
     if self.signal_name is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # the second Ctrl-C: stop now
-    self.signal_name = name
-    logging.warning("%s received: finishing this step, saving a checkpoint, then exiting "
-                    "(Ctrl-C again to stop at once)", name)
+    self.signal_name, self._unreported = name, True
     if self._multi and signum == signal.SIGINT:
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notice, shared by all processes
 
   def should_stop(self, step: int) -> bool:
     """True on the step at which every process stops (call after every step)."""
+    if self._unreported:
+      self._unreported = False
+      logging.warning("%s received: finishing this step, saving a checkpoint, then exiting "
+                      "(Ctrl-C again to stop at once)", self.signal_name)
     if self._multi:
       if multihost_utils.reached_preemption_sync_point(step):
         self.signal_name = self.signal_name or "SIGTERM"
