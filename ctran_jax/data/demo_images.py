@@ -18,6 +18,9 @@ def main(argv=None) -> None:
   parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
   parser.add_argument("--count", type=int, default=4)
   args = parser.parse_args(argv)
+  from ctran_jax import console
+
+  console.quiet_tool()
   if args.count < 1:
     parser.error(f"--count must be at least 1, got {args.count}")
   for path, names in demo.write_images(args.out, split=args.split, count=args.count):
