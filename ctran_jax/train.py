@@ -196,10 +196,9 @@ def train_state(config, mesh, model_def: model_store.ModelDef, tx):
   `sharding.state_shardings`; the abstract state (ShapeDtypeStructs carrying their
   shardings) is also the target of a checkpoint restore, so resuming initialises nothing.
   """
-  def init(pretrained):
+  def init(weights, kind=None):
     model = model_def.make()
-    if pretrained is not None:  # a C-Tran, or only its backbone
-      kind, weights = pretrained
+    if weights is not None:  # a C-Tran's weights, or only its backbone's
       target = model if kind == "ctran" else model.backbone
       weights_state = nnx.state(target, model_store.WEIGHTS)
       nnx.replace_by_pure_dict(weights_state, weights)
@@ -216,12 +215,15 @@ def train_state(config, mesh, model_def: model_store.ModelDef, tx):
   abstract = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                 sharding=where),
                           shapes, shardings)
-  jitted = jax.jit(init, out_shardings=shardings)
+  jitted = jax.jit(init, out_shardings=shardings, static_argnames="kind")
 
   def initialise():
     pretrained = pretrained_weights(config)
     try:
-      return jitted(pretrained)
+      if pretrained is None:
+        return jitted(None)
+      kind, weights = pretrained
+      return jitted(weights, kind=kind)
     except (ValueError, KeyError, TypeError) as e:
       if pretrained is None:
         raise

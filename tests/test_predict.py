@@ -195,3 +195,26 @@ def test_older_model_directory_is_a_clear_error(trained, tmp_path):
   (tmp_path / "model.json").write_text(json.dumps({**info, "format": "ctran_jax/model/v1"}))
   with pytest.raises(ValueError, match="format 'ctran_jax/model/v1'.*export or convert"):
     predict.Predictor.from_directory(str(tmp_path))
+
+
+def test_training_starts_from_an_exported_model(trained, demo_data_dir):
+  """``model.init_from=DIR`` (fine-tuning an exported model): the initial train state holds
+  the model directory's weights, not fresh ones."""
+  from flax import nnx
+  from helpers import tiny_run_config
+
+  from ctran_jax import sharding
+
+  _, model_dir = trained
+  num_labels = len(model_store.read_info(model_dir)["labels"])
+  expected = nnx.to_pure_dict(nnx.state(model_store.load_model(model_dir), nnx.Param))
+  mesh = sharding.make_mesh(1, 1)
+  for init_from, same in ((model_dir, True), ("", False)):
+    config = tiny_run_config(demo_data_dir, **{"model.init_from": init_from})
+    model_def = train.model_from_config(config, num_labels)
+    tx, _ = train.make_optimizer(config, 8)
+    _, init = train.train_state(config, mesh, model_def, tx)
+    got = nnx.to_pure_dict(init()["params"])
+    equal = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), got,
+                                         expected))
+    assert all(equal) if same else not all(equal), init_from
