@@ -145,8 +145,8 @@ def write_fixture(root, *, layout="zip", extra_annotations=None) -> dict:
   return jpegs
 
 
-def build(manual_dir, data_dir) -> tfds.core.DatasetBuilder:
-  builder = tfds.builder("ctran_coco2014", data_dir=str(data_dir))
+def build(manual_dir, data_dir, name="ctran_coco2014") -> tfds.core.DatasetBuilder:
+  builder = tfds.builder(name, data_dir=str(data_dir))
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
   return builder

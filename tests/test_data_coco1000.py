@@ -18,7 +18,8 @@ import zipfile
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from test_data_coco import file_name, jpeg
+from test_data_coco import build as build_coco
+from test_data_coco import file_name, jpeg, read_split
 
 from ctran_jax.data import coco1000, prepare
 
@@ -111,16 +112,7 @@ def write_fixture(root, *, layout="zip", docs=None) -> dict:
 
 
 def build(manual_dir, data_dir, name="ctran_coco1000/tiny") -> tfds.core.DatasetBuilder:
-  builder = tfds.builder(name, data_dir=str(data_dir))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
-
-
-def read_split(builder, split) -> list[dict]:
-  ds = builder.as_dataset(split, shuffle_files=False,
-                          decoders={"image": tfds.decode.SkipDecoding()})
-  return list(tfds.as_numpy(ds))
+  return build_coco(manual_dir, data_dir, name)
 
 
 @pytest.fixture(scope="module")
