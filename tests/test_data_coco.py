@@ -122,17 +122,26 @@ def write_fixture(root, *, layout="zip", extra_annotations=None) -> dict:
   docs = {f"annotations/instances_{split}.json": json.dumps(
       instances(split, images, extra_annotations=extra_annotations.get(split, ())))
       for split, images in SPLITS.items()}
+  write_files(root, layout, jpegs, docs, other=("instances_", "captions_"))
+  return jpegs
+
+
+def write_files(root, layout, jpegs, docs, other) -> None:
+  """COCO-2014's files under ``root``: ``{(split, id): jpeg}`` as the image zips ("zip")
+  or folders, ``{member: text}`` as the annotation zip or folder, each with its twin named
+  by ``other`` = (this kind, the other kind) present but empty (not read)."""
   if layout == "zip":
-    for split, images in SPLITS.items():
+    for split in sorted({split for split, _ in jpegs}):
       with zipfile.ZipFile(os.path.join(root, f"{split}.zip"), "w", zipfile.ZIP_STORED) as z:
         z.writestr(f"{split}/", "")
-        for image_id in images:
-          z.writestr(f"{split}/{file_name(split, image_id)}", jpegs[split, image_id])
+        for (s, image_id), data in jpegs.items():
+          if s == split:
+            z.writestr(f"{split}/{file_name(split, image_id)}", data)
     with zipfile.ZipFile(os.path.join(root, "annotations_trainval2014.zip"), "w",
                          zipfile.ZIP_DEFLATED) as z:
       for member, text in docs.items():
         z.writestr(member, text)
-        z.writestr(member.replace("instances_", "captions_"), "{}")
+        z.writestr(member.replace(*other), "{}")
   else:
     for (split, image_id), data in jpegs.items():
       os.makedirs(os.path.join(root, split), exist_ok=True)
@@ -142,7 +151,6 @@ def write_fixture(root, *, layout="zip", extra_annotations=None) -> dict:
     for member, text in docs.items():
       with open(os.path.join(root, member), "w") as f:
         f.write(text)
-  return jpegs
 
 
 def build(manual_dir, data_dir, name="ctran_coco2014") -> tfds.core.DatasetBuilder:

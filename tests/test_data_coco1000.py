@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from test_data_coco import build as build_coco
-from test_data_coco import file_name, jpeg, read_split
+from test_data_coco import file_name, jpeg, read_split, write_files
 
 from ctran_jax.data import coco1000, prepare
 
@@ -88,26 +88,7 @@ def write_fixture(root, *, layout="zip", docs=None) -> dict:
            for i in images}
   docs = docs or {f"annotations/captions_{split}.json": json.dumps(captions_doc(split, images))
                   for split, images in SPLITS.items()}
-  if layout == "zip":
-    for split, images in SPLITS.items():
-      with zipfile.ZipFile(os.path.join(root, f"{split}.zip"), "w") as z:
-        z.writestr(f"{split}/", "")
-        for image_id in images:
-          z.writestr(f"{split}/{file_name(split, image_id)}", jpegs[split, image_id])
-    with zipfile.ZipFile(os.path.join(root, "annotations_trainval2014.zip"), "w",
-                         zipfile.ZIP_DEFLATED) as z:
-      for member, text in docs.items():
-        z.writestr(member, text)
-        z.writestr(member.replace("captions_", "instances_"), "{}")  # present, not read
-  else:
-    for (split, image_id), data in jpegs.items():
-      os.makedirs(os.path.join(root, split), exist_ok=True)
-      with open(os.path.join(root, split, file_name(split, image_id)), "wb") as f:
-        f.write(data)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for member, text in docs.items():
-      with open(os.path.join(root, member), "w") as f:
-        f.write(text)
+  write_files(root, layout, jpegs, docs, other=("captions_", "instances_"))
   return jpegs
 
 
