@@ -371,7 +371,7 @@ def table_rows(results: list[dict]) -> list[list[str]]:
     rows.append([
         r["dtype"], r["remat"], str(r["batch_size"]), rate,
         _num(r["step_median_s"] and r["step_median_s"] * 1e3, ",.1f"), gflop,
-        _num(r["achieved_tflops"], ".3f"), _num(r["mfu"] and r["mfu"] * 100, ".3g") +
+        _num(r["achieved_tflops"], ".4g"), _num(r["mfu"] and r["mfu"] * 100, ".3g") +
         ("%" if r["mfu"] else ""), _num(r["lower_s"], ".1f"), _num(r["compile_s"], ".1f"),
         *(_num(m.get(k) and m[k] / mb, ",.0f") if m else "n/a"
           for k in ("argument", "output", "temp", "generated_code", "peak_estimate")),

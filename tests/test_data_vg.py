@@ -294,6 +294,7 @@ def test_vg500_config():
 
 
 # One short training run of the VG-500 recipe (tiny backbone), in the default run.
+@pytest.mark.slow  # CI time (the COCO recipe, which VG-500 builds on, trains in test_data_coco)
 def test_tiny_training_run(built, tmp_path):
   _, data_dir, _ = built["files"]
   c = vg500.get_config()

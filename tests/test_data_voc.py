@@ -198,7 +198,8 @@ def test_voc_config_is_the_coco_recipe_with_two_micro_batches():
     voc_config.get_config("huge")
 
 
-# One short training run of the VOC recipe (tiny backbone), in the default run.
+# One short training run of the VOC recipe (tiny backbone), with -m slow.
+@pytest.mark.slow  # CI time (the COCO recipe, which VOC builds on, trains in test_data_coco)
 def test_tiny_training_run_on_mock_voc(tmp_path):
   c = voc_config.get_config()
   c.data = voc_data_config(tmp_path)

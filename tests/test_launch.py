@@ -542,9 +542,12 @@ def test_local_names_the_cause_not_the_consequence(tmp_path):
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 143), (signal.SIGTERM, 143)])
 def test_local_forwards_signals(tmp_path, sig, status):
   env = _env(SLEEP_0="60", SLEEP_1="60")
+  # As from a terminal: a shell that starts with SIGINT ignored (the test run itself started
+  # as a background job) cannot trap it, so the launcher gets it at its default.
   proc = subprocess.Popen(["bash", str(LAUNCH / "local.sh"), "-n", "2", f"--log-dir={tmp_path}",
                            "--", PY, "-c", PROBE], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   deadline = time.time() + 60
   while not all(p.exists() and "{" in p.read_text() for p in logs) and time.time() < deadline:
