@@ -293,7 +293,7 @@ def test_vg500_config():
   train.check_config(vg500.get_config("tiny"))
 
 
-# One short training run of the VG-500 recipe (tiny backbone), in the default run.
+# One short training run of the VG-500 recipe (tiny backbone), with -m slow.
 @pytest.mark.slow  # CI time (the COCO recipe, which VG-500 builds on, trains in test_data_coco)
 def test_tiny_training_run(built, tmp_path):
   _, data_dir, _ = built["files"]
