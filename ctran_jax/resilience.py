@@ -174,16 +174,17 @@ def trajectory_settings(config) -> dict:
     for part in key.split("."):
       node = node[part]
     flat = {key: node} if not hasattr(node, "items") else {
-        f"{key}.{k}": v for k, v in _flatten(node).items()}
+        f"{key}.{k}": v for k, v in flatten(node).items()}
     out.update({k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()})
   return out
 
 
-def _flatten(node, prefix=""):
+def flatten(node, prefix=""):
+  """``{"a.b": value}`` of a nested config (or dict)."""
   out = {}
   for key, value in node.items():
     if hasattr(value, "items"):
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out

@@ -182,13 +182,13 @@ def test_every_config_variant_has_exactly_the_default_keys_and_types():
   from configs import coco, coco1000, cub, folder, vg500, voc
 
   reference = default.get_config()
-  expected = {k: type(v) for k, v in flatten(reference).items()}
+  expected = {k: type(v) for k, v in resilience.flatten(reference).items()}
   variants = [(coco, v) for v in ("full", "tiny", "builtin", "modern")] + [(default, "modern"),
       (cub, None), (cub, "tiny"), (folder, None), (folder, "tiny"), (vg500, None),
       (vg500, "tiny"), (voc, None), (voc, "tiny"), (coco1000, None), (coco1000, "tiny")]
   for module, variant in variants:
     config = module.get_config(variant) if variant else module.get_config()
-    got = flatten(config)
+    got = resilience.flatten(config)
     assert set(got) == set(expected), (module.__name__, variant,
                                        set(got) ^ set(expected))
     for key, value in got.items():
@@ -222,16 +222,6 @@ def test_modern_variants_switch_on_every_part_and_pass_the_checks():
   assert coco.get_config("modern").model.dtype == "bfloat16"
   with pytest.raises(ValueError, match="variant must be"):
     default.get_config("modren")
-
-
-def flatten(config, prefix=""):
-  out = {}
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def reference_value(config, key):
