@@ -84,7 +84,10 @@ def main(argv=None):
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--size", default="640x480", help="JPEG width x height")
   args = p.parse_args(argv)
-  width, height = (int(v) for v in args.size.split("x"))
+  try:
+    width, height = (int(v) for v in args.size.split("x"))
+  except ValueError:
+    p.error(f"--size={args.size}; expected WIDTHxHEIGHT, e.g. 640x480")
   if args.count < 1 or args.batch_size < 1:
     p.error("--count and --batch_size must be positive")
 
