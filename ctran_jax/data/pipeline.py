@@ -356,12 +356,87 @@ def ctran_train_window(image, seed, data_config) -> dict:
   return {"image": tf.ensure_shape(canvas, (side, side, 3)), "window": hw, "flip": flip}
 
 
+def _centre_offset(data_config) -> int:
+  """Top (= left) of the eval centre crop in the scaled image (torchvision's rounding)."""
+  return int(round((data_config.scale_size - data_config.image_size) / 2.0))
+
+
+def _resized_centre_crop(image, data_config) -> tf.Tensor:
+  """Resize to scale_size (float, `_resize`), crop the centre image_size square."""
+  size, offset = data_config.image_size, _centre_offset(data_config)
+  return _resize(image, data_config.scale_size)[offset:offset + size, offset:offset + size]
+
+
 def centre_crop(image, data_config) -> tf.Tensor:
   """Eval: resize to scale → centre crop image_size (torchvision's rounding)."""
-  scale, size = data_config.scale_size, data_config.image_size
-  offset = int(round((scale - size) / 2.0))
-  image = _resize(image, scale)[offset:offset + size, offset:offset + size]
-  return _normalise(image, data_config)
+  return _normalise(_resized_centre_crop(image, data_config), data_config)
+
+
+def _centre_span(extent, data_config):
+  """(first row, row count) of an image side of ``extent`` pixels that the centre crop of
+  its bilinear resize to scale_size reads, with one row of margin on either side (so
+  that float rounding on the device cannot reach outside it)."""
+  ratio = tf.cast(extent, tf.float32) / data_config.scale_size
+  offset = _centre_offset(data_config)
+  first = (offset + 0.5) * ratio - 0.5
+  last = (offset + data_config.image_size - 0.5) * ratio - 0.5
+  start = tf.maximum(tf.cast(tf.floor(first), tf.int32) - 1, 0)
+  # last's upper neighbour is floor(last) + 1; + 1 margin; + 1: the end is exclusive.
+  stop = tf.minimum(tf.cast(tf.floor(last), tf.int32) + 3, extent)
+  return start, stop - start
+
+
+def ctran_eval_window(image, data_config) -> dict:
+  """Host half of the eval transform when ``data.resize_on_device``: decode what it reads.
+
+  `centre_crop`'s output pixels sample only a window of the image (about image_size /
+  scale_size of each side), so only that window is decoded (``decode_and_crop_jpeg`` for
+  JPEG bytes) and shipped, uint8, in the top-left corner of a zero ``canvas_size`` square,
+  with ``extent``, the image's (height, width), and ``origin``, the window's top-left in
+  it; `ctran_jax.augment.centre_crop_windows` finishes the job inside the jitted eval step
+  and equals `centre_crop` to float rounding. An image larger than scale_size (which
+  `centre_crop` shrinks with antialiasing) is resized and cropped here as `centre_crop`
+  does and rounded to uint8 (a difference of at most half a grey level), shipped as an
+  image of extent scale_size whose window is the crop itself.
+  """
+  scale, side = data_config.scale_size, canvas_size(data_config)
+  if image.dtype == tf.string:
+    is_jpeg = tf.io.is_jpeg(image)
+
+    def decode():
+      return tf.io.decode_image(image, channels=3, expand_animations=False)
+
+    shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(image),
+                    lambda: tf.shape(decode()))[:2]
+  else:
+    def decode():
+      return image
+
+    shape = tf.shape(image)[:2]
+
+  def window():
+    (top, height), (left, width) = (_centre_span(shape[i], data_config) for i in (0, 1))
+
+    def sliced():
+      return tf.slice(decode(), [top, left, 0], [height, width, 3])
+
+    if image.dtype == tf.string:
+      patch = tf.cond(is_jpeg, lambda: tf.image.decode_and_crop_jpeg(
+          image, tf.stack([top, left, height, width]), channels=3), sliced)
+    else:
+      patch = sliced()
+    return patch, shape, tf.stack([top, left])
+
+  def resized_crop():
+    crop = tf.saturate_cast(tf.round(_resized_centre_crop(decode(), data_config)), tf.uint8)
+    offset = _centre_offset(data_config)
+    return crop, tf.constant([scale, scale]), tf.constant([offset, offset])
+
+  patch, extent, origin = tf.cond(tf.reduce_all(shape <= scale), window, resized_crop)
+  hw = tf.shape(patch)[:2]
+  canvas = tf.pad(patch, [[0, side - hw[0]], [0, side - hw[1]], [0, 0]])
+  return {"image": tf.ensure_shape(canvas, (side, side, 3)), "extent": extent,
+          "origin": origin}
 
 
 def cub_train_image(image, key, data_config) -> tf.Tensor:
@@ -420,18 +495,26 @@ class Transform:
   check(data_config): raises ValueError on sizes the recipe cannot use.
   train_window(image, key, data_config) -> dict: the host half of ``train`` for
     ``data.resize_on_device`` (`ctran_train_window`); None: the recipe has no device path.
+  eval_window(image, data_config) -> dict: the host half of ``eval`` for
+    ``data.resize_on_device`` (`ctran_eval_window`), from a decoded image or the bytes.
   """
   train: Callable
   eval: Callable
   check: Callable
   train_decoded: bool = False
   train_window: Callable | None = None
+  eval_window: Callable | None = None
+
+  @property
+  def on_device(self) -> bool:
+    """Whether the recipe has a device path (``data.resize_on_device``)."""
+    return self.train_window is not None and self.eval_window is not None
 
 
 # A new recipe is one more entry here.
 TRANSFORMS = {
     "ctran": Transform(train=ctran_train_image, eval=centre_crop, check=_check_ctran,
-                       train_window=ctran_train_window),
+                       train_window=ctran_train_window, eval_window=ctran_eval_window),
     "cub": Transform(train=cub_train_image, eval=cub_eval_image, check=_check_cub,
                      train_decoded=True),
 }
@@ -443,8 +526,8 @@ def check_transform(data_config) -> None:
   if transform is None:
     raise ValueError(f"data.transform={data_config.transform!r}; expected one of "
                      f"{tuple(TRANSFORMS)}")
-  if data_config.resize_on_device and transform.train_window is None:
-    with_device_path = " or ".join(repr(k) for k, t in TRANSFORMS.items() if t.train_window)
+  if data_config.resize_on_device and not transform.on_device:
+    with_device_path = " or ".join(repr(k) for k, t in TRANSFORMS.items() if t.on_device)
     raise ValueError(f"config.data.resize_on_device needs config.data.transform="
                      f"{with_device_path}")
   transform.check(data_config)
@@ -720,9 +803,14 @@ def _eval_tf_dataset(source: DataSource, split: str, batch_size: int, process_in
   local_size = builder.info.splits[local].num_examples
   size = data_config.image_size
   num_labels = source.meta.num_labels
-  eval_image = TRANSFORMS[data_config.transform].eval
-  padding = {"image": tf.zeros((size, size, 3), tf.float32),
-             "labels": tf.zeros((num_labels,), tf.int32),
+  transform = TRANSFORMS[data_config.transform]
+  if data_config.resize_on_device:  # the host half: a uint8 canvas + where the image lies
+    side = canvas_size(data_config)
+    image_padding = {"image": tf.zeros((side, side, 3), tf.uint8),
+                     "extent": tf.ones((2,), tf.int32), "origin": tf.zeros((2,), tf.int32)}
+  else:
+    image_padding = {"image": tf.zeros((size, size, 3), tf.float32)}
+  padding = {**image_padding, "labels": tf.zeros((num_labels,), tf.int32),
              "example_id": tf.constant(-1, tf.int64), "valid": tf.constant(False),
              "skipped": tf.constant(False)}
   if "label_visible" in builder.info.features:
@@ -730,8 +818,11 @@ def _eval_tf_dataset(source: DataSource, split: str, batch_size: int, process_in
 
   def evaluated(ex):
     ok = ex.pop("ok", tf.constant(True))  # False: a blank for an undecodable cached record
-    return {**ex, "image": eval_image(_decoded(builder, ex["image"]), data_config),
-            "valid": ok, "skipped": tf.logical_not(ok)}
+    if data_config.resize_on_device:
+      image = transform.eval_window(ex.pop("image"), data_config)
+    else:
+      image = {"image": transform.eval(_decoded(builder, ex.pop("image")), data_config)}
+    return {**ex, **image, "valid": ok, "skipped": tf.logical_not(ok)}
 
   ds = _read(source, local)
   if on_bad_example(data_config) == "skip" and not data_config.cache:
@@ -751,6 +842,11 @@ def eval_dataset(source: DataSource, split: str, *, batch_size: int, process_ind
                  process_count: int = 1) -> Batches:
   """One pass over this process's shard: {image, labels, example_id, valid, skipped}
   batches (+ ``label_visible`` when the dataset has it).
+
+  ``image`` is the eval transform's output, float (B, S, S, 3); with
+  ``data.resize_on_device`` it is its host half instead (`ctran_eval_window`): uint8
+  (B, C, C, 3) canvases (C = `canvas_size`), with ``extent`` and ``origin`` (B, 2) int32,
+  which `ctran_jax.augment.centre_crop_windows` (in the eval step) turns into the images.
 
   Padding rows have ``valid=False``, ``example_id=-1`` and zero images/labels; every
   process yields exactly ``num_eval_batches(...)`` batches.  With
