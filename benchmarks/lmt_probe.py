@@ -46,10 +46,13 @@ def features(config, workdir):
   state, _ = checkpoint.restore(directory, step, abstract, model_config=model_def.description,
                                 num_labels=source.meta.num_labels)
 
+  finish_images = evaluate.finish_eval_images(config)  # data.resize_on_device
+
   @jax.jit
-  def pooled(params, batch_stats, images):
+  def pooled(params, batch_stats, batch):
     model = model_def.merge(params, batch_stats)
     model.eval()
+    images = finish_images(batch) if finish_images else batch["image"]
     return jnp.mean(model.backbone(images), axis=(1, 2))
 
   out = []
@@ -57,7 +60,8 @@ def features(config, workdir):
     feats, labels = [], []
     for batch in pipeline.eval_dataset(source, split, batch_size=config.eval.batch_size):
       valid = batch["valid"].astype(bool)
-      f = pooled(state["params"], state["batch_stats"], batch["image"])
+      images = {k: batch[k] for k in evaluate.IMAGE_FIELDS if k in batch}
+      f = pooled(state["params"], state["batch_stats"], images)
       feats.append(np.asarray(f)[valid])
       labels.append(batch["labels"][valid])
     out += [np.concatenate(feats), np.concatenate(labels)]

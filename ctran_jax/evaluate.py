@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from tensorflow.io import gfile
 
-from ctran_jax import ema, label_mask, metrics, report_plots, sharding, thresholds
+from ctran_jax import augment, ema, label_mask, metrics, report_plots, sharding, thresholds
 from ctran_jax.config_util import check_choice, check_range
 from ctran_jax.data import pipeline
 
@@ -51,16 +51,35 @@ def fraction_key(fraction: float) -> str:
   return f"{fraction * 100:g}"
 
 
-def make_predict_step(model_def):
+def finish_eval_images(config):
+  """None, or ``batch -> images``: the device half of the eval transform when eval batches
+  carry its host half (``config.data.resize_on_device``: `augment.centre_crop_windows` of
+  the batch's image/extent/origin), in the model's dtype (the model casts its input to it
+  anyway)."""
+  if not config.data.resize_on_device:
+    return None
+  data, dtype = config.data, jnp.dtype(config.model.dtype)
+  return lambda batch: augment.centre_crop_windows(
+      batch["image"], batch["extent"], batch["origin"], scale=data.scale_size,
+      size=data.image_size, mean=data.mean, std=data.std, dtype=dtype)
+
+
+# The fields of an eval batch that the images are made of (`pipeline.eval_dataset`).
+IMAGE_FIELDS = ("image", "extent", "origin")
+
+
+def make_predict_step(model_def, finish_images=None):
   """A step returning logits (F, B, L) for F sets of known labels, plus the batch's labels.
 
   The backbone runs once per batch; only the transformer part repeats per known set. The
   batch passes through so that all hosts get the full (replicated) arrays back.
+  ``finish_images(batch) -> images`` (`finish_eval_images`), when given, makes the model
+  input from the batch's image fields inside the step.
   """
   def predict_step(params, batch_stats, batch):
     model = model_def.merge(params, batch_stats)
     model.eval()
-    features = model.backbone(batch["image"])
+    features = model.backbone(finish_images(batch) if finish_images else batch["image"])
     states = jnp.moveaxis(batch["states"], 1, 0)  # (B, F, L) -> (F, B, L)
     logits = jnp.stack([model.classify_features(features, s)["logits"] for s in states])
     return {"logits": logits, "labels": batch["labels"], "states": states,
@@ -111,7 +130,7 @@ class Evaluator:
                        f"{num_groups} concept groups")
     self.num_groups = num_groups
     self.local_batch = sharding.local_batch_size(e.batch_size, mesh, key="eval.batch_size")
-    self.predict = jax.jit(make_predict_step(model_def),
+    self.predict = jax.jit(make_predict_step(model_def, finish_eval_images(config)),
                            out_shardings=sharding.replicated(mesh))
     self._done = {}  # (split, step) -> report
     self._scores = {}  # (split, step) -> (probabilities, labels) with no label known
@@ -140,8 +159,9 @@ class Evaluator:
               local["labels"], local["label_visible"], concept_groups=self.meta.concept_groups,
               num_known_groups=n, num_groups=self.num_groups, seed=self.config.eval.seed)
           for n in self.groups], axis=1)
-      batch = sharding.global_batch({"image": local["image"], "labels": local["labels"],
-                                     "states": states, "valid": local["valid"]}, self.mesh)
+      images = {k: local[k] for k in IMAGE_FIELDS if k in local}
+      batch = sharding.global_batch({**images, "labels": local["labels"], "states": states,
+                                     "valid": local["valid"]}, self.mesh)
       parts.append(jax.device_get(self.predict(weights["params"], weights["batch_stats"],
                                                batch)))
       if (i + 1) % every == 0:

@@ -7,6 +7,7 @@ so that each run compiles and trains in seconds; the 8 fake CPU devices come fro
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -125,6 +126,25 @@ def test_eval_mode_reproduces_the_final_evaluation(run_8dev, demo_data_dir):
       expected = result["reports"][split]["known"][frac]
       for name, value in values.items():
         assert value == pytest.approx(expected[name], abs=1e-6), (split, frac, name)
+
+
+@pytest.mark.parametrize("sizes", [{}, {"data.scale_size": 64, "data.image_size": 56}])
+def test_eval_with_resize_on_device_matches_the_host_transform(run_8dev, demo_data_dir,
+                                                               tmp_path, sizes):
+  # {}: the run's 36/32 (64^2 images shrink: resized on the host, rounded to uint8);
+  # 64/56: the images fit, only the crop's window is shipped and the step resizes it.
+  reports = {}
+  for on_device in (False, True):
+    workdir = str(tmp_path / str(on_device))  # a copy: evaluating writes eval/ files
+    shutil.copytree(run_8dev[0], workdir)
+    config = tiny_config(demo_data_dir, **sizes, **{"data.resize_on_device": on_device})
+    reports[on_device] = train.evaluate_checkpoint(config, workdir, "latest")
+  tolerance = 1e-5 if sizes else 2e-3
+  for split, report in reports[True].items():
+    for frac, values in report["known"].items():
+      expected = reports[False][split]["known"][frac]
+      for name in ("mAP", "loss"):
+        assert values[name] == pytest.approx(expected[name], abs=tolerance), (split, frac, name)
 
 
 def test_checkpoint_from_another_model_is_refused(run_8dev, demo_data_dir):
