@@ -1,4 +1,4 @@
-"""Input pipeline speed per CPU core: raw JPEG decode vs the training transform.
+"""Input pipeline speed per CPU core: raw JPEG decode vs the training and eval transforms.
 
     python benchmarks/input_pipeline.py                  # COCO recipe: 640 scale, 576^2 crops
     python benchmarks/input_pipeline.py --images 400 --threads 2
@@ -10,8 +10,10 @@ The training transform is the pipeline's own (`pipeline.ctran_train_image` with 
 configs/coco.py recipe) on encoded bytes, as training reads them; with
 ``data.resize_on_device`` the host runs only `pipeline.ctran_train_window` (decode the crop
 into a uint8 canvas) and the jitted train step finishes it (`ctran_jax.augment`), whose
-cost per image is timed separately on the JAX default device. Never asserted in tests:
-timings on shared CPUs are noisy; compare rows of one run.
+cost per image is timed separately on the JAX default device. The same for the eval
+transform (`pipeline.centre_crop`; host half `pipeline.ctran_eval_window`, device half
+`augment.centre_crop_windows`). Never asserted in tests: timings on shared CPUs are noisy;
+compare rows of one run.
 """
 
 from __future__ import annotations
@@ -110,37 +112,52 @@ def main(argv=None) -> None:
                                        (args.image_size, args.image_size)),
       f"eval transform (resize {args.scale_size}, centre crop {args.image_size})":
           lambda i, b: pipeline.centre_crop(tf.io.decode_jpeg(b, channels=3), data),
+      "eval transform, host half (data.resize_on_device: decode the crop's window to a "
+      "canvas)": lambda i, b: pipeline.ctran_eval_window(b, data),
   }
   results = {}
   for name, fn in rows.items():
     results[name] = images_per_second(jpegs, fn, threads=args.threads, count=args.images)
     print(f"  measured {name.strip()}: {results[name]:.1f} images/s", flush=True)
   raw = results["raw JPEG decode"]
-  device_ms = device_half_ms(data, args.device_batch)
+  train_ms, eval_ms = device_half_ms(data, args.device_batch)
   width = max(len(n) for n in results)
   print(f"\n{'transform':{width}s}  images/s  per thread  vs raw decode")
   for name, rate in results.items():
     print(f"{name:{width}s}  {rate:8.1f}  {rate / args.threads:10.1f}  {rate / raw:11.0%}")
-  print(f"\ndevice half (augment.resize_windows, batch {args.device_batch}) on "
-        f"{jax.devices()[0].device_kind}: {device_ms:.2f} ms per image")
+  kind = jax.devices()[0].device_kind
+  print(f"\ndevice halves (batch {args.device_batch}, jitted) on {kind}: train "
+        f"(augment.resize_windows) {train_ms:.2f} ms per image, eval "
+        f"(augment.centre_crop_windows) {eval_ms:.2f} ms per image")
 
 
-def device_half_ms(data, batch: int, repeats: int = 5) -> float:
-  """Median time per image of the device half, jitted, on the default JAX device."""
+def device_half_ms(data, batch: int) -> tuple[float, float]:
+  """Median time per image of the train and eval device halves, jitted, on the default JAX
+  device, for 480x640 images (the eval window: `pipeline.ctran_eval_window`'s)."""
   side = pipeline.canvas_size(data)
   rng = np.random.default_rng(0)
   canvas = jax.device_put(rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8))
   window = jax.device_put(np.tile([[480, 640]], (batch, 1)).astype(np.int32))
   flip = jax.device_put(np.arange(batch) % 2 == 0)
-  fn = jax.jit(lambda c, w, f: augment.resize_windows(c, w, f, size=data.image_size,
-                                                      mean=data.mean, std=data.std))
-  fn(canvas, window, flip).block_until_ready()
+  train = jax.jit(lambda c, w, f: augment.resize_windows(c, w, f, size=data.image_size,
+                                                         mean=data.mean, std=data.std))
+  eval_window = pipeline.ctran_eval_window(tf.zeros((480, 640, 3), tf.uint8), data)
+  extent, origin = (jax.device_put(np.tile(eval_window[k].numpy(), (batch, 1)))
+                    for k in ("extent", "origin"))
+  evaluate = jax.jit(lambda c, e, o: augment.centre_crop_windows(
+      c, e, o, scale=data.scale_size, size=data.image_size, mean=data.mean, std=data.std))
+  return (_median_ms(train, canvas, window, flip) / batch,
+          _median_ms(evaluate, canvas, extent, origin) / batch)
+
+
+def _median_ms(fn, *args, repeats: int = 5) -> float:
+  fn(*args).block_until_ready()  # compiles
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    fn(canvas, window, flip).block_until_ready()
+    fn(*args).block_until_ready()
     times.append(time.perf_counter() - start)
-  return 1000 * float(np.median(times)) / batch
+  return 1000 * float(np.median(times))
 
 
 if __name__ == "__main__":
