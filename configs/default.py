@@ -78,7 +78,7 @@ def _demo() -> ml_collections.ConfigDict:
   c.data.prefetch = 2
   c.data.cache = True               # keep decoded examples in memory (small datasets only)
   c.data.transform = "ctran"        # "ctran" (reference COCO/VOC/VG) or "cub" transforms
-  c.data.resize_on_device = False   # "ctran": host decodes the crop, the train step resizes
+  c.data.resize_on_device = False   # "ctran": host decodes, train/eval steps resize
   c.data.on_bad_example = "fail"    # an image that does not decode: "fail" (stop, say which
                                     # split) or "skip" (drop it, counted in each batch)
 

@@ -33,10 +33,13 @@ centre crop of ``image_size`` without resizing, zero padding smaller images). Bo
 transforms end with optional RandAugment and Cutout (``data.randaugment_n``,
 ``data.cutout``; off by default and in the reference; `randaugment`), keyed per example.
 ``data.resize_on_device`` needs a transform with a device path ("ctran"): train batches
-then carry the decoded crop (uint8, in a ``canvas_size`` square) + its size + flip, and the
-train step resizes, mirrors and normalises on the accelerator (`ctran_jax.augment`), so
-the host only decodes.  A ``shuffle_buffer`` at least the split's size gives a full
-permutation per epoch; ``cache`` keeps decoded images in memory (small datasets only).
+then carry the decoded crop (uint8, in a ``canvas_size`` square) + its size + flip, eval
+batches the window of the image that the centre crop samples (uint8, in such a square) +
+the image's size + the window's origin, and the train and eval steps resize, mirror and
+normalise on the accelerator (`ctran_jax.augment`), so the host only decodes.
+Prediction (`eval_image`) keeps the host eval transform, which the eval step reproduces.
+A ``shuffle_buffer`` at least the split's size gives a full permutation per epoch;
+``cache`` keeps decoded images in memory (small datasets only).
 
 Undecodable examples (image bytes that TF cannot decode, in a dataset prepared elsewhere or
 damaged since): ``data.on_bad_example="fail"`` (default) stops at the first with a one-line
