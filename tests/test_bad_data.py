@@ -88,9 +88,12 @@ def test_damaged_copy_has_the_same_record_ids(data_dirs):
   assert not bad_ids(data_dirs["clean"], "train")
 
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_fail_stops_with_a_one_line_error_naming_split_and_fix(data_dirs, cache):
-  source = open_source(config(data_dirs["bad"], cache=cache))
+@pytest.mark.parametrize("cache, resize_on_device", [(False, False), (True, False),
+                                                     (False, True)])
+def test_fail_stops_with_a_one_line_error_naming_split_and_fix(data_dirs, cache,
+                                                              resize_on_device):
+  source = open_source(config(data_dirs["bad"], cache=cache,
+                              resize_on_device=resize_on_device))
   with pytest.raises(ValueError) as e:
     take(train_dataset(source, batch_size=4, seed=0), 11)
   message = str(e.value)
@@ -174,9 +177,12 @@ def test_skip_without_bad_examples_equals_fail(data_dirs):
 
 @pytest.mark.parametrize("cache", [False, True])
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_eval_skip_keeps_lockstep_and_counts(data_dirs, cache, process_count):
-  source = open_source(config(data_dirs["bad"], cache=cache, on_bad_example="skip"))
-  clean = open_source(config(data_dirs["clean"], cache=cache))
+@pytest.mark.parametrize("resize_on_device", [False, True])
+def test_eval_skip_keeps_lockstep_and_counts(data_dirs, cache, process_count, resize_on_device):
+  source = open_source(config(data_dirs["bad"], cache=cache, on_bad_example="skip",
+                              resize_on_device=resize_on_device))
+  clean = open_source(config(data_dirs["clean"], cache=cache,
+                             resize_on_device=resize_on_device))
   expected = num_eval_batches(source, "validation", batch_size=3, process_count=process_count)
   ids, skipped = [], 0
   for p in range(process_count):
@@ -193,7 +199,7 @@ def test_eval_skip_keeps_lockstep_and_counts(data_dirs, cache, process_count):
                                        process_count=process_count)))
     # A bad example's row is padding in its place: the good ones keep theirs.
     keep = reference["valid"] & ~got["skipped"]
-    for key in ("example_id", "labels", "image"):
+    for key in reference:  # image (+ extent, origin with resize_on_device) included
       np.testing.assert_array_equal(got[key][keep], reference[key][keep])
     assert not got["labels"][got["skipped"]].any()
   assert skipped == len(BROKEN["validation"])
