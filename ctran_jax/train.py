@@ -40,6 +40,7 @@ from ctran_jax import (
   console,
   ema,
   evaluate,
+  host_memory,
   label_mask,
   losses,
   model_store,
@@ -292,16 +293,20 @@ def make_train_step(model_def: model_store.ModelDef, loss: losses.MaskedBCE, tx,
       (value, grads, batch_stats, _), _ = jax.lax.scan(
           body, (jnp.float32(0.0), zeros, batch_stats, params),
           (jnp.arange(accum_steps), micro))
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    updates = jax.tree.map(lambda u: u * lr_scale, updates)
     grad_norm = optax.tree.norm(grads)
+
+    def updated():
+      updates, opt_state = tx.update(grads, state["opt_state"], params)
+      updates = jax.tree.map(lambda u: u * lr_scale, updates)
+      new = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
+             "opt_state": opt_state}
+      if "ema" in state:
+        new["ema"] = ema.update(old["ema"], new["params"], batch_stats, step,
+                                decay=ema_decay, warmup=ema_warmup)
+      return new
+
     # A step with a non-finite loss or gradient changes nothing but the counters.
     finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-    updated = {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
-               "opt_state": opt_state}
-    if "ema" in state:
-      updated["ema"] = ema.update(old["ema"], updated["params"], batch_stats, step,
-                                  decay=ema_decay, warmup=ema_warmup)
     kept, health = resilience.guarded_update(finite, step, updated, old, state["health"])
     new_state = {**kept, "step": step + 1, "health": health}
     metrics = {"loss": value, "bce_per_entry": value * denominator / jnp.maximum(in_loss, 1),
@@ -519,6 +524,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "remove them to start afresh in this workdir, or use a new --workdir")
     else:
       state = init()
+    # The initialiser's temporaries and executable are garbage now; keep them out of the
+    # peak RSS that the train step's buffers add to (CPU).
+    host_memory.release(drop_compiled=True)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("model    %s: %s parameters", model_summary(model_def.description),
                  f"{num_params:,}")
@@ -570,6 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         done = step + 1
         if step == start_step:
           pace.compiled(jax.block_until_ready(metrics), done)
+          host_memory.release()  # the compiler's heap
 
         if done % config.log_every_steps == 0 or done == num_steps:
           train_log.append(log_progress(writer, pending, done, num_steps, pace, config,
