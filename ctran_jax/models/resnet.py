@@ -193,12 +193,35 @@ class ResNet(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images.astype(self.dtype)
+    # model.train() on XLA:CPU: see `materialize`.
+    barriers = not self.bn1.use_running_average and jax.default_backend() == "cpu"
     x = nnx.relu(self.bn1(self.conv1(x)))
     x = max_pool_3x3_s2(x)
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
         x = _remat_block(block, x) if self.remat else block(x)
+        if barriers:
+          x = materialize(x)
     return x
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """``x``, computed once into its own buffer: a fusion barrier for XLA.
+
+  Why: the residual stream of a stage is one long elementwise chain (block k's output is
+  relu(bn(conv) + output of block k-1)). For the weight gradients XLA:CPU transposes each
+  conv's input, and its fusion pass fuses the whole chain into every such transpose,
+  recomputing up to 23 blocks' BatchNorm + add + relu per transpose: ~0.9 s of a ~3.5 s
+  C-Tran-R101 CPU train step at 224^2 (benchmarks/step_breakdown.py). A conditional cannot
+  be fused into, so its output is read, not recomputed. `jax.lax.optimization_barrier`
+  does not do this (XLA:CPU drops it before fusion); a conditional whose branches are
+  identical is simplified away, hence the branch taken on a NaN, which returns NaN
+  everywhere: only in training (``model.train()``), where a NaN anywhere already makes the
+  summed loss non-finite and the step is skipped. Evaluation has no backward pass and skips
+  this, and so do GPUs and TPUs: they have no such transposes, and a conditional there can
+  cost a device-to-host sync of its predicate.
+  """
+  return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda v: v + jnp.nan, lambda v: v, x)
 
 
 @nnx.remat(graph=True, graph_updates=True)
