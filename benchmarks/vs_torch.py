@@ -18,7 +18,8 @@ process with an empty persistent cache (``--cache``: a cache directory shared ac
 rounds, so later rounds show the warm-cache time). The stand-in runs eagerly: no compile.
 
 ``--variant NAME:KEY=VALUE,KEY=VALUE`` adds another configuration of our side (environment
-variables for its subprocess, e.g. XLA_FLAGS), interleaved with the others;
+variables for its subprocess, e.g. XLA_FLAGS; ``ROOT=DIR`` runs the code and worker of another
+checkout, e.g. ``before:ROOT=/tmp/before`` for a before/after table), interleaved with the others;
 ``--torch-variant`` does the same for the stand-in (``THREADS=N`` is passed as its
 ``--threads``). Ratios are against the fastest stand-in configuration of each column, so
 that a torch setting that suffers on a loaded machine (its default OpenMP threads spin
@@ -82,7 +83,7 @@ def run_ours(image_size: int, batch: int, num_labels: int, warmup: int, steps: i
   import jax.numpy as jnp
   import numpy as np
 
-  from ctran_jax import evaluate, sharding, train
+  from ctran_jax import evaluate, host_memory, sharding, train
   phases["imported"] = rss_mb()
 
   spec = __import__("importlib").util.spec_from_file_location(
@@ -97,6 +98,7 @@ def run_ours(image_size: int, batch: int, num_labels: int, warmup: int, steps: i
   tx, schedule = train.make_optimizer(c, warmup + steps + 1)
   abstract, init = train.train_state(c, mesh, model_def, tx)
   state = init()
+  host_memory.release(drop_compiled=True)  # as train_and_evaluate does after init
   batch_arrays = tt.synthetic_batch(c, mesh, batch, num_labels)
   lr_scale = jnp.float32(1.0)
   jax.block_until_ready((state, batch_arrays))
@@ -107,6 +109,7 @@ def run_ours(image_size: int, batch: int, num_labels: int, warmup: int, steps: i
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch_arrays, lr_scale).compile()
   train_compile_s = time.perf_counter() - t0
+  host_memory.release()  # as train_and_evaluate does after its first (compiling) step
   memory = tt.memory_of(compiled)
   phases["train step compiled"] = rss_mb()
 
@@ -226,7 +229,9 @@ def main(argv=None) -> None:
                       help="our side's model: configs/coco.py's C-Tran-R101 (full) or a tiny "
                       "one (a smoke test of this script; the stand-in stays R101)")
   parser.add_argument("--variant", action="append", default=[],
-                      help="NAME:KEY=VALUE,...: another configuration of our side")
+                      help="NAME:KEY=VALUE,...: another configuration of our side (environment "
+                      "variables; ROOT=DIR runs another checkout of this repository, e.g. "
+                      "before:ROOT=/tmp/old for a before/after table)")
   parser.add_argument("--no-default", action="store_true",
                       help="only the --variant configurations of our side")
   parser.add_argument("--torch-variant", action="append", default=[],
@@ -273,12 +278,15 @@ def main(argv=None) -> None:
           common = ["--num-labels", str(a.num_labels), "--warmup", str(a.warmup), "--steps",
                     str(a.steps)]
           if kind == "ours":
-            env = {**os.environ, "PYTHONPATH": ROOT, **extra}
+            # ROOT=DIR: that checkout's code and its own worker (before/after comparisons).
+            root = os.path.abspath(extra.get("ROOT", ROOT))
+            env = {**os.environ, "PYTHONPATH": root,
+                   **{k: v for k, v in extra.items() if k != "ROOT"}}
             if a.cache:
               env["JAX_COMPILATION_CACHE_DIR"] = a.cache
               env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(size),
-                   str(batch), "--out", out, "--model", a.model, *common]
+            cmd = [sys.executable, os.path.join(root, "benchmarks", "vs_torch.py"), "--worker",
+                   str(size), str(batch), "--out", out, "--model", a.model, *common]
           else:
             env = {**os.environ, **{k: v for k, v in extra.items() if k != "THREADS"}}
             cmd = [a.torch_python, a.torch_script, "--image-size", str(size), "--batch",
