@@ -260,56 +260,26 @@ def profile(compiled, call, steps: int, trace_dir: str) -> dict:
 
 
 def run(size: int, batch: int, num_labels: int, warmup: int, steps: int, model: str) -> dict:
-  vs_torch = load_module("vs_torch")
-  tt = load_module("train_throughput")
-  phases = {"start": vs_torch.rss_mb()}
+  """The trainer's step and the evaluator's, built as `benchmarks/vs_torch.py` builds them
+  (`vs_torch.trainer_step`, `vs_torch.evaluator_step`), each profiled."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
-  from ctran_jax import evaluate, host_memory, sharding, train
-  phases["imported"] = vs_torch.rss_mb()
-
-  c = vs_torch.ours_config(size, batch, model)
-  mesh = sharding.make_mesh(c.mesh.num_devices, c.mesh.fsdp)
-  model_def = train.model_from_config(c, num_labels)
-  tx, schedule = train.make_optimizer(c, warmup + 2 * steps + 1)
-  abstract, init = train.train_state(c, mesh, model_def, tx)
-  box = {"state": init()}
-  host_memory.release(drop_compiled=True)  # as the trainer does
-  batch_arrays = tt.synthetic_batch(c, mesh, batch, num_labels)
-  lr_scale = jnp.float32(1.0)
-  phases["state built"] = vs_torch.rss_mb()
-  step_fn = train.jit_train_step(c, model_def, tx, schedule, mesh, abstract)
-  compiled = step_fn.lower(box["state"], batch_arrays, lr_scale).compile()
-  host_memory.release()
-  phases["train step compiled"] = vs_torch.rss_mb()
-
-  def train_call():
-    box["state"], metrics = compiled(box["state"], batch_arrays, lr_scale)
-    return box["state"], metrics
-
+  vs_torch = load_module("vs_torch")
+  built = vs_torch.trainer_step(size, batch, num_labels, warmup + 2 * steps + 1, model)
+  phases = built["phases"]
   for _ in range(warmup):
-    jax.block_until_ready(train_call())
+    jax.block_until_ready(built["call"]())
   out = {"size": size, "batch": batch, "model": model, "jax": jax.__version__,
-         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-         "train_memory": tt.memory_of(compiled)}
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "train_memory": built["memory"]}
   with tempfile.TemporaryDirectory() as tmp:
-    out["train"] = profile(compiled, train_call, steps, os.path.join(tmp, "train"))
+    out["train"] = profile(built["compiled"], built["call"], steps,
+                           os.path.join(tmp, "train"))
     phases["trained"] = vs_torch.rss_mb()
-    predict = jax.jit(evaluate.make_predict_step(model_def),
-                      out_shardings=sharding.replicated(mesh))
-    eval_batch = {"image": batch_arrays["image"], **sharding.global_batch(
-        {"states": np.full((batch, 1, num_labels), -1, np.int32),
-         "labels": np.zeros((batch, num_labels), np.int32),
-         "valid": np.ones((batch,), bool)}, mesh)}
-    params, stats = box["state"]["params"], box["state"]["batch_stats"]
-    predict_compiled = predict.lower(params, stats, eval_batch).compile()
+    ev = vs_torch.evaluator_step(built)
     for _ in range(warmup):
-      jax.block_until_ready(predict_compiled(params, stats, eval_batch))
-    out["eval"] = profile(predict_compiled, lambda: predict_compiled(params, stats, eval_batch),
-                          steps, os.path.join(tmp, "eval"))
-    out["eval_memory"] = tt.memory_of(predict_compiled)
+      jax.block_until_ready(ev["call"]())
+    out["eval"] = profile(ev["compiled"], ev["call"], steps, os.path.join(tmp, "eval"))
+    out["eval_memory"] = load_module("train_throughput").memory_of(ev["compiled"])
   phases["evaluated"] = vs_torch.rss_mb()
   out["rss_phases_mb"] = phases
   return out
@@ -343,6 +313,9 @@ def main(argv=None) -> None:
   parser.add_argument("--top", type=int, default=10, help="list the N slowest thunks")
   parser.add_argument("--json", help="write the numbers here")
   a = parser.parse_args(argv)
+  load_module("vs_torch").check_shape(parser, a.size, a.batch)
+  if a.steps < 1 or a.warmup < 0:
+    parser.error("--steps must be at least 1 and --warmup at least 0")
   sys.path.insert(0, ROOT)
   result = run(a.size, a.batch, a.num_labels, a.warmup, a.steps, a.model)
   print(f"{a.size}^2 batch {a.batch}, {a.model} model, {a.steps} traced steps, "

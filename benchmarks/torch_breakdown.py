@@ -49,9 +49,18 @@ def main(argv=None) -> None:
   parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's)")
   parser.add_argument("--json")
   a = parser.parse_args(argv)
-
-  import torch
-  import torch.nn as nn
+  if a.size < 32 or a.size % 32 or a.batch < 1 or a.steps < 1 or a.warmup < 0:
+    parser.error("--size must be a positive multiple of 32, --batch and --steps at least 1")
+  if not os.path.isfile(a.torch_script):
+    parser.error(f"--torch-script {a.torch_script}: no such file (the stand-in lives in "
+                 "../shared/bench/torch_ctran_step.py beside the checkout)")
+  try:
+    import torch
+    import torch.nn as nn
+  except ImportError as error:
+    raise SystemExit(f"{error}: run this with the python of an environment that has torch "
+                     "and torchvision (e.g. /work/torchvenv/bin/python), never this "
+                     "project's") from None
   spec = importlib.util.spec_from_file_location("torch_ctran_step", a.torch_script)
   standin = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(standin)

@@ -75,15 +75,21 @@ def ours_config(image_size: int, batch: int, model: str = "full"):
   return c
 
 
-def run_ours(image_size: int, batch: int, num_labels: int, warmup: int, steps: int,
-             model: str = "full") -> dict:
-  """Build, compile and time the trainer's train step and the evaluator's step."""
+def trainer_step(image_size: int, batch: int, num_labels: int, num_steps: int,
+                 model: str = "full") -> dict:
+  """The trainer's compiled train step and its inputs, built as `train.train_and_evaluate`
+  builds them (including its `host_memory.release` calls), with timings and RSS phases.
+
+  Keys: ``call()`` runs one step on the donated state (kept in ``box["state"]``),
+  ``compiled``, ``config``, ``mesh``, ``model_def``, ``batch``, ``build_s``,
+  ``compile_s``, ``memory`` (XLA's), ``phases`` (RSS after each phase). Also used by
+  benchmarks/step_breakdown.py.
+  """
   phases = {"start": rss_mb()}
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
-  from ctran_jax import evaluate, host_memory, sharding, train
+  from ctran_jax import host_memory, sharding, train
   phases["imported"] = rss_mb()
 
   spec = __import__("importlib").util.spec_from_file_location(
@@ -95,7 +101,7 @@ def run_ours(image_size: int, batch: int, num_labels: int, warmup: int, steps: i
   mesh = sharding.make_mesh(c.mesh.num_devices, c.mesh.fsdp)
   t0 = time.perf_counter()
   model_def = train.model_from_config(c, num_labels)
-  tx, schedule = train.make_optimizer(c, warmup + steps + 1)
+  tx, schedule = train.make_optimizer(c, num_steps)
   abstract, init = train.train_state(c, mesh, model_def, tx)
   state = init()
   host_memory.release(drop_compiled=True)  # as train_and_evaluate does after init
@@ -108,10 +114,52 @@ def run_ours(image_size: int, batch: int, num_labels: int, warmup: int, steps: i
   step_fn = train.jit_train_step(c, model_def, tx, schedule, mesh, abstract)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch_arrays, lr_scale).compile()
-  train_compile_s = time.perf_counter() - t0
+  compile_s = time.perf_counter() - t0
   host_memory.release()  # as train_and_evaluate does after its first (compiling) step
-  memory = tt.memory_of(compiled)
   phases["train step compiled"] = rss_mb()
+  box = {"state": state}
+
+  def call():
+    box["state"], metrics = compiled(box["state"], batch_arrays, lr_scale)
+    return box["state"], metrics
+
+  return {"call": call, "box": box, "compiled": compiled, "config": c, "mesh": mesh,
+          "model_def": model_def, "batch": batch_arrays, "build_s": build_s,
+          "compile_s": compile_s, "memory": tt.memory_of(compiled), "phases": phases}
+
+
+def evaluator_step(built: dict) -> dict:
+  """The evaluator's compiled step (Evaluator.predict) on `trainer_step`'s batch and
+  current weights, one set of known labels (all unknown): ``call()``, ``compiled``,
+  ``compile_s``."""
+  import jax
+  import numpy as np
+
+  from ctran_jax import evaluate, sharding
+
+  mesh, batch = built["mesh"], built["batch"]
+  size, num_labels = batch["labels"].shape
+  predict = jax.jit(evaluate.make_predict_step(built["model_def"]),
+                    out_shardings=sharding.replicated(mesh))
+  eval_batch = {"image": batch["image"], **sharding.global_batch(
+      {"states": np.full((size, 1, num_labels), -1, np.int32),
+       "labels": np.zeros((size, num_labels), np.int32),
+       "valid": np.ones((size,), bool)}, mesh)}
+  params, stats = built["box"]["state"]["params"], built["box"]["state"]["batch_stats"]
+  t0 = time.perf_counter()
+  compiled = predict.lower(params, stats, eval_batch).compile()
+  compile_s = time.perf_counter() - t0
+  return {"call": lambda: compiled(params, stats, eval_batch), "compiled": compiled,
+          "compile_s": compile_s}
+
+
+def run_ours(image_size: int, batch: int, num_labels: int, warmup: int, steps: int,
+             model: str = "full") -> dict:
+  """Build, compile and time the trainer's train step and the evaluator's step."""
+  import jax
+
+  built = trainer_step(image_size, batch, num_labels, warmup + steps + 1, model)
+  phases = built["phases"]
 
   def timed(fn, n):
     times = []
@@ -121,30 +169,14 @@ def run_ours(image_size: int, batch: int, num_labels: int, warmup: int, steps: i
       times.append(time.perf_counter() - t)
     return times
 
-  box = {"state": state}
-
-  def train_call():
-    box["state"], metrics = compiled(box["state"], batch_arrays, lr_scale)
-    return box["state"], metrics
-
-  timed(train_call, warmup)
-  train_times = timed(train_call, steps)
+  timed(built["call"], warmup)
+  train_times = timed(built["call"], steps)
   phases["trained"] = rss_mb()
-
-  # The evaluator's step (Evaluator.predict), one set of known labels: all unknown.
-  predict = jax.jit(evaluate.make_predict_step(model_def),
-                    out_shardings=sharding.replicated(mesh))
-  states = np.full((batch, 1, num_labels), -1, np.int32)
-  eval_batch = {"image": batch_arrays["image"], **sharding.global_batch(
-      {"states": states, "labels": np.zeros((batch, num_labels), np.int32),
-       "valid": np.ones((batch,), bool)}, mesh)}
-  params, stats = box["state"]["params"], box["state"]["batch_stats"]
-  t0 = time.perf_counter()
-  predict_compiled = predict.lower(params, stats, eval_batch).compile()
-  eval_compile_s = time.perf_counter() - t0
-  eval_times = timed(lambda: predict_compiled(params, stats, eval_batch), warmup + steps)
-  eval_times = eval_times[warmup:]
+  ev = evaluator_step(built)
+  eval_times = timed(ev["call"], warmup + steps)[warmup:]
   phases["evaluated"] = rss_mb()
+  train_compile_s, eval_compile_s = built["compile_s"], ev["compile_s"]
+  build_s, memory = built["build_s"], built["memory"]
   return {"side": "ours", "train_step_s": statistics.median(train_times),
           "train_times_s": train_times, "eval_s": statistics.median(eval_times),
           "eval_times_s": eval_times, "train_compile_s": train_compile_s,
@@ -174,6 +206,22 @@ def parse_variant(text: str) -> tuple[str, dict]:
       raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE,KEY=VALUE")
     env[key] = value
   return name, env
+
+
+def check_shape(parser, size: int, batch: int) -> None:
+  """Image sizes the ResNet takes (a multiple of its stride, 32) and a positive batch."""
+  if size < 32 or size % 32 or batch < 1:
+    parser.error(f"image size {size}, batch {batch}: the size must be a positive multiple "
+                 "of 32 (the ResNet's stride) and the batch at least 1")
+
+
+def parse_shape(parser, text: str) -> tuple[int, int]:
+  """"224x2" -> (224, 2); anything else is a usage error naming it."""
+  size, sep, batch = text.strip().partition("x")
+  if not (sep and size.isdigit() and batch.isdigit()):
+    parser.error(f"--shapes: {text!r} is not SIZExBATCH (e.g. 224x2)")
+  check_shape(parser, int(size), int(batch))
+  return int(size), int(batch)
 
 
 def median_of(runs: list[dict], key: str):
@@ -259,10 +307,7 @@ def main(argv=None) -> None:
     variants += [(name, "torch", env) for name, env in torch_variants]
   if not any(kind == "ours" for _, kind, _ in variants):
     raise SystemExit("nothing of ours to measure: --no-default without --variant")
-  shapes = []
-  for item in a.shapes.split(","):
-    size, _, batch = item.partition("x")
-    shapes.append((int(size), int(batch)))
+  shapes = [parse_shape(parser, item) for item in a.shapes.split(",")]
   log = open(a.log, "a") if a.log else open(os.devnull, "w")  # noqa: SIM115
   load = os.getloadavg()
   print(f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min), "

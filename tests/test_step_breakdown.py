@@ -116,3 +116,18 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
   assert not any(k.endswith("|backward") for k in result["eval"]["parts"])
   assert "| ResNet |" in proc.stdout and "step wall time" in proc.stdout
   assert result["train_memory"]["alias"] > 0  # the trainer's donated step
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("step_breakdown.py", ["--size", "33"], "positive multiple of 32"),
+    ("step_breakdown.py", ["--steps", "0"], "--steps must be at least 1"),
+    ("vs_torch.py", ["--shapes", "224y2"], "is not SIZExBATCH"),
+    ("vs_torch.py", ["--shapes", "64x0"], "the batch at least 1"),
+    ("torch_breakdown.py", ["--torch-script", "/no/such/file.py"], "no such file"),
+])
+def test_bad_arguments_are_one_usage_line(script, args, message):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args],
+                        cwd=REPO, env={**ENV, "PYTHONPATH": REPO}, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert message in proc.stderr and "Traceback" not in proc.stderr

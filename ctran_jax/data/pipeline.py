@@ -403,39 +403,41 @@ def ctran_eval_window(image, data_config) -> dict:
   image of extent scale_size whose window is the crop itself.
   """
   scale, side = data_config.scale_size, canvas_size(data_config)
-  if image.dtype == tf.string:
-    is_jpeg = tf.io.is_jpeg(image)
+  offset = _centre_offset(data_config)
 
-    def decode():
-      return tf.io.decode_image(image, channels=3, expand_animations=False)
-
-    shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(image),
-                    lambda: tf.shape(decode()))[:2]
-  else:
-    def decode():
-      return image
-
-    shape = tf.shape(image)[:2]
-
-  def window():
-    (top, height), (left, width) = (_centre_span(shape[i], data_config) for i in (0, 1))
-
-    def sliced():
-      return tf.slice(decode(), [top, left, 0], [height, width, 3])
-
-    if image.dtype == tf.string:
-      patch = tf.cond(is_jpeg, lambda: tf.image.decode_and_crop_jpeg(
-          image, tf.stack([top, left, height, width]), channels=3), sliced)
-    else:
-      patch = sliced()
-    return patch, shape, tf.stack([top, left])
-
-  def resized_crop():
-    crop = tf.saturate_cast(tf.round(_resized_centre_crop(decode(), data_config)), tf.uint8)
-    offset = _centre_offset(data_config)
+  def resized_crop(decoded):
+    crop = tf.saturate_cast(tf.round(_resized_centre_crop(decoded, data_config)), tf.uint8)
     return crop, tf.constant([scale, scale]), tf.constant([offset, offset])
 
-  patch, extent, origin = tf.cond(tf.reduce_all(shape <= scale), window, resized_crop)
+  def window_of(shape):
+    (top, height), (left, width) = (_centre_span(shape[i], data_config) for i in (0, 1))
+    return tf.stack([top, left, height, width])
+
+  def from_decoded(decoded):  # every pixel is decoded already: slice the window
+    shape = tf.shape(decoded)[:2]
+
+    def sliced():
+      box = window_of(shape)
+      return tf.slice(decoded, [box[0], box[1], 0], [box[2], box[3], 3]), shape, box[:2]
+
+    return tf.cond(tf.reduce_all(shape <= scale), sliced, lambda: resized_crop(decoded))
+
+  def from_jpeg():  # decode only the window
+    shape = tf.image.extract_jpeg_shape(image)[:2]
+
+    def cropped():
+      box = window_of(shape)
+      return tf.image.decode_and_crop_jpeg(image, box, channels=3), shape, box[:2]
+
+    return tf.cond(tf.reduce_all(shape <= scale), cropped,
+                   lambda: resized_crop(tf.io.decode_jpeg(image, channels=3)))
+
+  if image.dtype != tf.string:
+    patch, extent, origin = from_decoded(image)
+  else:
+    patch, extent, origin = tf.cond(
+        tf.io.is_jpeg(image), from_jpeg,
+        lambda: from_decoded(tf.io.decode_image(image, channels=3, expand_animations=False)))
   hw = tf.shape(patch)[:2]
   canvas = tf.pad(patch, [[0, side - hw[0]], [0, side - hw[1]], [0, 0]])
   return {"image": tf.ensure_shape(canvas, (side, side, 3)), "extent": extent,
